@@ -1,0 +1,1 @@
+"""File formats: key names, the safetensors container, metadata."""

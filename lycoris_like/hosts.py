@@ -1,0 +1,122 @@
+"""Host layers: the torch layers an adapter can attach to, and the host's own op.
+
+Every adapted forward goes through `HostLayer.op`, which for convolutions is the host's own
+`_conv_forward`, so stride, padding, dilation, groups and `padding_mode` can never disagree with
+the layer being adapted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UnsupportedLayerError
+
+_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.Linear, "linear"),
+    (nn.Conv1d, "conv1d"),
+    (nn.Conv2d, "conv2d"),
+    (nn.Conv3d, "conv3d"),
+)
+_POINTWISE = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+# Subclasses whose forward is the plain op when no legacy LoRA layer is set on them.
+_PLAIN_SUBCLASSES = {"LoRACompatibleLinear", "LoRACompatibleConv"}
+
+
+def host_kind(module: nn.Module) -> str | None:
+    """The host kind of `module`, or None when no algorithm can adapt it."""
+    for cls, kind in _KINDS:
+        if isinstance(module, cls):
+            if type(module).forward is cls.forward:
+                return kind
+            if type(module).__name__ in _PLAIN_SUBCLASSES and getattr(module, "lora_layer", None) is None:
+                return kind
+            return None
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class HostLayer:
+    """A Linear or Conv1d/2d/3d layer seen as `y = op(x, W, b)`."""
+
+    module: nn.Module
+    kind: str
+
+    @classmethod
+    def of(cls, module: nn.Module, where: str = "") -> HostLayer:
+        kind = host_kind(module)
+        if kind is None:
+            at = f" at {where!r}" if where else ""
+            raise UnsupportedLayerError(
+                f"cannot adapt {type(module).__name__}{at}: supported layers are nn.Linear and "
+                "nn.Conv1d/2d/3d (and subclasses that keep their forward)"
+            )
+        return cls(module, kind)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module.bias
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind != "linear"
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Input features per group (the weight's second dimension)."""
+        return self.weight.shape[1]
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def groups(self) -> int:
+        return getattr(self.module, "groups", 1)
+
+    @property
+    def ones(self) -> tuple[int, ...]:
+        """Trailing singleton dims of a pointwise (1×1) conv weight; empty for Linear."""
+        return (1,) * len(self.kernel_size)
+
+    def op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The host's own op with another weight and bias."""
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        return self.module._conv_forward(x, weight, bias)
+
+    def pointwise(self, x: Tensor, weight: Tensor) -> Tensor:
+        """A bias-free 1×1 map over channels (Linear for linear hosts)."""
+        if self.kind == "linear":
+            return F.linear(x, weight.reshape(weight.shape[0], -1))
+        return _POINTWISE[self.kind](x, weight)
+
+    def tokens(self, x: Tensor) -> int:
+        """How many positions the layer is applied at for input `x` (cost-model input)."""
+        if self.kind == "linear":
+            return x.numel() // max(x.shape[-1], 1)
+        spatial = x.shape[-len(self.kernel_size):]
+        stride = self.module.stride
+        batch = x.numel() // max(x.shape[-len(spatial) - 1] * math.prod(spatial), 1)
+        return batch * math.prod(max(s // st, 1) for s, st in zip(spatial, stride))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision merges and rebuilds compute in: fp32, or fp64 for fp64 hosts."""
+    return torch.promote_types(dtype, torch.float32)

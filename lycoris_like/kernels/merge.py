@@ -1,0 +1,22 @@
+"""W + Σ mᵢ·ΔWᵢ, computed in fp32 (fp64 for fp64 hosts) and cast once.
+
+The unmerged rebuild forward and `merge()` both use this function, so a merged model and the
+unmerged one it came from compute with the very same weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor
+
+from ..hosts import compute_dtype
+
+
+def apply_deltas(base: Tensor, deltas: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
+    """`base + Σ m·Δ` over `(multiplier, delta)` pairs, in compute precision, cast to base's dtype."""
+    dtype = compute_dtype(base.dtype)
+    out = base.to(dtype)
+    for multiplier, delta in deltas:
+        out = out + multiplier.to(dtype) * delta.to(dtype)
+    return out.to(base.dtype)

@@ -1,0 +1,166 @@
+"""LoRA / LoCon: ΔW = γ·B·A, with an optional Tucker core for k>1 convolutions (LyCORIS App. B.2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ShapeMismatchError
+from ..hosts import HostLayer
+from ..kernels.lowrank import lowrank_delta
+from .base import AdapterModule, check_dim, expect_shape, float32_exact, read_alpha, require_keys
+from .registry import register_algorithm
+
+
+class Factor(nn.Module):
+    """Holds one factor as `<name>.weight`, the key layout LyCORIS and kohya files use."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(tensor)
+
+
+@register_algorithm("lora", aliases=("locon",))
+class LoRA(AdapterModule):
+    """ΔW = (α/r)·up·down. `use_tucker` adds a core `lora_mid` (r, r, k…) for k>1 convs.
+
+    `rs_lora` uses α/√r and stores α·√r in files so any reader recovers the same scale;
+    `use_scalar` trains an extra scalar (init 0, `lora_up` random) folded into `lora_up` on save.
+    """
+
+    file_keys = frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"})
+    signature_keys = frozenset({"lora_down.weight", "lora_up.weight"})
+
+    def __init__(
+        self,
+        host: HostLayer,
+        dim: int = 4,
+        alpha: float | None = 1.0,
+        *,
+        use_tucker: bool = False,
+        rs_lora: bool = False,
+        use_scalar: bool = False,
+        **common: Any,
+    ) -> None:
+        super().__init__(host, **common)
+        rank = check_dim(dim)
+        self.rank = rank
+        self.tucker = bool(use_tucker) and host.kernel_numel > 1
+        self.rs_lora = bool(rs_lora)
+        alpha = float(rank if alpha is None or alpha == 0 else alpha)
+        # The stored alpha is what files carry; the scale is always alpha_stored / r, so a
+        # reloaded file reproduces it bit-exactly whatever produced it.
+        self.alpha = float32_exact(alpha * math.sqrt(rank) if self.rs_lora else alpha)
+        self.scale = self.alpha / rank
+        k, ones, fac = host.kernel_size, host.ones, self.factory()
+        down_kernel = ones if self.tucker else k
+        self.lora_down = Factor(torch.empty(rank, host.in_features, *down_kernel, **fac))
+        self.lora_mid = Factor(torch.empty(rank, rank, *k, **fac)) if self.tucker else None
+        self.lora_up = Factor(torch.empty(host.out_features, rank, *ones, **fac))
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        if self.lora_mid is not None:
+            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
+        if use_scalar:
+            nn.init.kaiming_uniform_(self.lora_up.weight, a=math.sqrt(5))
+            self.scalar = nn.Parameter(torch.zeros((), **fac))
+        else:
+            nn.init.zeros_(self.lora_up.weight)
+            self.scalar = None
+
+    # ------------------------------------------------------------------ ΔW
+
+    def _up(self, mask: Tensor | None = None) -> Tensor:
+        """`lora_up` with the scalar folded in (as saved), then γ and an optional rank mask."""
+        up = self.lora_up.weight
+        if self.scalar is not None:
+            up = up * self.scalar
+        up = up * self.scale
+        if mask is not None:
+            up = up * mask.view(1, -1, *([1] * (up.dim() - 2)))
+        return up
+
+    def delta_weight(self) -> Tensor:
+        mid = self.lora_mid.weight if self.lora_mid is not None else None
+        return lowrank_delta(self._up(), self.lora_down.weight, mid)
+
+    def train_delta_weight(self) -> Tensor:
+        mid = self.lora_mid.weight if self.lora_mid is not None else None
+        return lowrank_delta(self._up(self.rank_mask(self.rank, self.lora_up.weight)), self.lora_down.weight, mid)
+
+    # ------------------------------------------------------------------ bypass
+
+    @property
+    def can_bypass(self) -> bool:
+        return self.host.groups == 1
+
+    def bypass(self, x: Tensor) -> Tensor:
+        host = self.host
+        down = self.lora_down.weight.to(x.dtype)
+        if self.lora_mid is not None:
+            h = host.op(host.pointwise(x, down), self.lora_mid.weight.to(x.dtype), None)
+        elif host.is_conv:
+            h = host.op(x, down, None)
+        else:
+            h = F.linear(x, down)
+        if self.dropout and self.training_now:
+            h = F.dropout(h, self.dropout)
+        mask = self.rank_mask(self.rank, h)
+        return host.pointwise(h, self._up(mask).to(x.dtype))
+
+    def rebuild_flops(self) -> int:
+        host = self.host
+        core = self.rank * self.rank * host.kernel_numel * host.out_features if self.tucker else 0
+        return host.out_features * host.in_features * host.kernel_numel * self.rank + core
+
+    def bypass_flops(self, tokens: int) -> int:
+        host = self.host
+        k = host.kernel_numel
+        down = host.in_features * (1 if self.tucker else k) + (self.rank * k if self.tucker else 0)
+        return tokens * self.rank * (down + host.out_features)
+
+    # ------------------------------------------------------------------ files
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        out = {
+            "lora_down.weight": self.lora_down.weight.detach(),
+            "lora_up.weight": (self.lora_up.weight * self.scalar if self.scalar is not None else self.lora_up.weight).detach(),
+            "alpha": torch.tensor(self.alpha, dtype=torch.float32),
+        }
+        if self.lora_mid is not None:
+            out["lora_mid.weight"] = self.lora_mid.weight.detach()
+        return out
+
+    @classmethod
+    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str) -> LoRA:
+        require_keys(tensors, name, ("lora_down.weight", "lora_up.weight"))
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        mid = tensors.get("lora_mid.weight")
+        if down.dim() < 2 or down.shape[0] == 0:
+            raise ShapeMismatchError(
+                f"{name}.lora_down.weight: expected shape (rank, {host.in_features}, …), found {tuple(down.shape)}",
+                keys=[f"{name}.lora_down.weight"],
+            )
+        rank = down.shape[0]
+        tucker = mid is not None
+        if tucker and host.kernel_numel == 1:
+            expect_shape(name, "lora_mid.weight", mid, (rank, rank))  # a 1×1 core: fold it into up
+        module = cls(host, rank, read_alpha(tensors, name, rank), use_tucker=tucker)
+        k, ones = host.kernel_size, host.ones
+        down = expect_shape(name, "lora_down.weight", down, (rank, host.in_features, *(ones if module.tucker else k)))
+        up = expect_shape(name, "lora_up.weight", up, (host.out_features, rank, *ones))
+        if tucker and not module.tucker:
+            up = (up.reshape(up.shape[0], rank).double() @ mid.reshape(rank, rank).double()).reshape(up.shape)
+        with torch.no_grad():
+            module.lora_down.weight.copy_(down)
+            module.lora_up.weight.copy_(up)
+            if module.tucker:
+                module.lora_mid.weight.copy_(expect_shape(name, "lora_mid.weight", mid, (rank, rank, *k)))
+        return module
+
+    def config(self) -> dict[str, Any]:
+        return {"algo": self.algo, "dim": self.rank, "alpha": self.alpha, "use_tucker": self.tucker}
