@@ -111,10 +111,12 @@ class HostLayer:
         """How many positions the layer is applied at for input `x` (cost-model input)."""
         if self.kind == "linear":
             return x.numel() // max(x.shape[-1], 1)
-        spatial = x.shape[-len(self.kernel_size):]
-        stride = self.module.stride
-        batch = x.numel() // max(x.shape[-len(spatial) - 1] * math.prod(spatial), 1)
-        return batch * math.prod(max(s // st, 1) for s, st in zip(spatial, stride))
+        dims = len(self.kernel_size)
+        positions = 1
+        for size, stride in zip(x.shape[-dims:], self.module.stride):
+            positions *= max(size // stride, 1)
+        batch = x.numel() // max(x.shape[-dims - 1] * math.prod(x.shape[-dims:]), 1)
+        return batch * positions
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

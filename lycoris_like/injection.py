@@ -27,21 +27,29 @@ class HostDispatch:
         self.original_forward = module.forward
 
     def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        active = [a for a in self.adapters if a.is_active()]
-        if not active:
+        # Plain loops (no generators or walrus): torch.compile traces this without graph breaks.
+        rebuild: list[AdapterModule] = []
+        bypass: list[AdapterModule] = []
+        for adapter in self.adapters:
+            if adapter.is_active():
+                (bypass if adapter.use_bypass(x) else rebuild).append(adapter)
+        if not rebuild and not bypass:
             return self.original_forward(x, *args, **kwargs)
         host = self.host
-        rebuild = [a for a in active if not a.use_bypass(x)]
         weight, bias = host.weight, host.bias
         if rebuild:
-            weight = apply_deltas(weight, [(a.multiplier, a.train_delta_weight()) for a in rebuild])
-            bias_deltas = [(a.multiplier, db) for a in rebuild if (db := a.delta_bias()) is not None]
+            weight_deltas, bias_deltas = [], []
+            for adapter in rebuild:
+                weight_deltas.append((adapter.multiplier, adapter.train_delta_weight()))
+                delta_bias = adapter.delta_bias()
+                if delta_bias is not None:
+                    bias_deltas.append((adapter.multiplier, delta_bias))
+            weight = apply_deltas(weight, weight_deltas)
             if bias_deltas:
                 bias = apply_deltas(bias, bias_deltas)
         out = host.op(x, weight, bias)
-        for a in active:
-            if a not in rebuild:
-                out = out + a.bypass(x).to(out.dtype) * a.multiplier
+        for adapter in bypass:
+            out = out + adapter.bypass(x).to(out.dtype) * adapter.multiplier
         return out
 
 

@@ -33,11 +33,10 @@ class LoadReport:
         return not self.unmatched_keys and not self.rejected
 
     def summary(self) -> str:
-        lines = [f"loaded {len(self.loaded)} modules"]
+        lines = [f"{len(self.loaded)} modules fit the model"]
         if self.unmatched_keys:
             lines.append(f"{len(self.unmatched_keys)} keys match no layer of the model: {format_keys(self.unmatched_keys)}")
-        for name, reason in sorted(self.rejected.items()):
-            lines.append(f"rejected {name}: {reason}")
+        lines.extend(f"rejected: {reason}" for _, reason in sorted(self.rejected.items()))
         return "\n".join(lines)
 
 

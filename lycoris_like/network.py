@@ -44,7 +44,14 @@ class Entry(NamedTuple):
 class _Backup(NamedTuple):
     target: Tensor
     original: Tensor
-    version: int
+
+
+_MERGE_STACK = "_lycoris_like_merges"
+
+
+def _merge_stack(target: Tensor) -> list[list[int]]:
+    """Per weight tensor: which networks merged into it, in order, and the version each left."""
+    return target.__dict__.setdefault(_MERGE_STACK, [])
 
 
 def normalize_models(model: ModelLike) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -196,7 +203,7 @@ class AdapterNetwork(nn.Module):
             raise MergeError("this network is already merged; unmerge() first")
         plan = []
         for adapter in self:
-            m = adapter.multiplier if multiplier is None else torch.tensor(float(multiplier), device=adapter.multiplier.device)
+            m = adapter.multiplier if multiplier is None else torch.full_like(adapter.multiplier, float(multiplier))
             plan.append((adapter, m))
         self._check_finite(plan)
         backups = []
@@ -204,9 +211,9 @@ class AdapterNetwork(nn.Module):
             weight, bias = self._merged_weight(adapter, m)
             for target, new in ((adapter.host.weight, weight), (adapter.host.bias, bias)):
                 if new is not None:
-                    original = target.detach().clone()
+                    backups.append(_Backup(target, target.detach().clone()))
                     target.copy_(new)
-                    backups.append(_Backup(target, original, target._version))
+                    _merge_stack(target).append([id(self), target._version])
             adapter.merged = True
         self._backups = backups
 
@@ -216,7 +223,7 @@ class AdapterNetwork(nn.Module):
         another network that is still merged, or an optimizer step) — unmerge in reverse order."""
         if self._backups is None:
             raise MergeError("this network is not merged")
-        changed = [b for b in self._backups if b.target._version != b.version]
+        changed = [b for b in self._backups if _merge_stack(b.target)[-1:] != [[id(self), b.target._version]]]
         if changed:
             raise MergeError(
                 f"{len(changed)} merged weights changed after this merge (another network merged later, "
@@ -224,6 +231,12 @@ class AdapterNetwork(nn.Module):
             )
         for backup in reversed(self._backups):
             backup.target.copy_(backup.original)
+            stack = _merge_stack(backup.target)
+            stack.pop()
+            if stack:  # the weight is again exactly what the previous merge wrote
+                stack[-1][1] = backup.target._version
+            else:
+                del backup.target.__dict__[_MERGE_STACK]
         for adapter in self:
             adapter.merged = False
         self._backups = None

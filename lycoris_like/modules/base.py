@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import struct
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -58,7 +59,7 @@ class AdapterModule(nn.Module):
         self.enabled = True
         self.merged = False
         self.forward_mode = "auto"
-        self.register_buffer("multiplier", torch.ones((), device=host.weight.device), persistent=False)
+        self.register_buffer("multiplier", torch.ones((), **self.factory()), persistent=False)
 
     # ----------------------------------------------------------------- the contract
 
@@ -143,10 +144,16 @@ class AdapterModule(nn.Module):
         if self.forward_mode == "bypass" or (self.dropout and self.training_now):
             return True
         tokens = self.host.tokens(x)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if torch.is_grad_enabled() and self._trainable():
             # Rebuilding makes autograd form the full weight gradient (tokens·|W|) on top.
             return 3 * self.bypass_flops(tokens) < self.rebuild_flops() + tokens * self.host.weight.numel()
         return self.bypass_flops(tokens) < self.rebuild_flops()
+
+    def _trainable(self) -> bool:
+        for p in self.parameters():
+            if p.requires_grad:
+                return True
+        return False
 
     def rank_mask(self, rank: int, like: Tensor) -> Tensor | None:
         """A training-only keep-mask over `rank` components, or None."""
@@ -167,9 +174,8 @@ class AdapterModule(nn.Module):
 def require_keys(tensors: Mapping[str, Tensor], name: str, keys: tuple[str, ...]) -> None:
     missing = [k for k in keys if k not in tensors]
     if missing:
-        raise IncompatibleFileError(
-            f"{name}: missing {', '.join(missing)}", keys=[f"{name}.{k}" for k in missing]
-        )
+        keys = [f"{name}.{k}" for k in missing]
+        raise IncompatibleFileError(f"missing {', '.join(keys)}", keys=keys)
 
 
 def expect_shape(name: str, key: str, tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -205,7 +211,7 @@ def read_alpha(tensors: Mapping[str, Tensor], name: str, rank: int) -> float:
 
 def float32_exact(value: float) -> float:
     """`value` rounded to float32, so scales computed from it match after a save/load round trip."""
-    return float(torch.tensor(value, dtype=torch.float32))
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def check_dim(dim: Any, what: str = "dim") -> int:

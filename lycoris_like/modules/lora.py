@@ -129,7 +129,7 @@ class LoRA(AdapterModule):
         out = {
             "lora_down.weight": self.lora_down.weight.detach(),
             "lora_up.weight": (self.lora_up.weight * self.scalar if self.scalar is not None else self.lora_up.weight).detach(),
-            "alpha": torch.tensor(self.alpha, dtype=torch.float32),
+            "alpha": torch.tensor(self.alpha, dtype=torch.float32, device="cpu"),
         }
         if self.lora_mid is not None:
             out["lora_mid.weight"] = self.lora_mid.weight.detach()

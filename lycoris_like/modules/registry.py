@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from ..errors import IncompatibleFileError, UnknownAlgorithmError
+from ..errors import IncompatibleFileError, UnknownAlgorithmError, format_keys
 from .base import AdapterModule
 
 A = TypeVar("A", bound=type[AdapterModule])
@@ -53,14 +53,14 @@ def detect_algorithm(name: str, suffixes: Iterable[str]) -> type[AdapterModule]:
         claims = exact if len(exact) == 1 else claims
     if len(claims) != 1:
         what = "no known algorithm" if not claims else "several algorithms (" + ", ".join(c.algo for c in claims) + ")"
-        raise IncompatibleFileError(
-            f"{name}: key suffixes {sorted(suffixes)} match {what}", keys=[f"{name}.{s}" for s in suffixes]
-        )
+        keys = sorted(f"{name}.{s}" for s in suffixes)
+        raise IncompatibleFileError(f"{format_keys(keys)}: these key suffixes match {what}", keys=keys)
     cls = claims[0]
     unknown = suffixes - cls.file_keys
     if unknown:
+        keys = sorted(f"{name}.{s}" for s in unknown)
         raise IncompatibleFileError(
-            f"{name}: unknown key suffixes for {cls.algo}: {sorted(unknown)} (known: {sorted(cls.file_keys)})",
-            keys=[f"{name}.{s}" for s in unknown],
+            f"{format_keys(keys)}: unknown key suffix for {cls.algo} (it reads {', '.join(sorted(cls.file_keys))})",
+            keys=keys,
         )
     return cls

@@ -1,0 +1,111 @@
+"""Shared fixtures: small real models built from configs, and the host-layer matrix of TESTING.md."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(2)
+logging.getLogger("lycoris").setLevel(logging.ERROR)
+
+SMALL_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+SMALL_CLIP = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    vocab_size=1000,
+    projection_dim=24,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
+
+def make_unet(seed: int = 0, **changes) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**SMALL_UNET, **changes}).eval()
+
+
+def unet_inputs(batch: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 4, 8, 8, generator=g),
+        torch.tensor([10, 500][:batch] + [3] * max(batch - 2, 0)),
+        torch.randn(batch, 7, SMALL_UNET["cross_attention_dim"], generator=g),
+    )
+
+
+def make_clip(seed: int = 0, projection: bool = False) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(CLIPTextConfig(**SMALL_CLIP)).eval()
+
+
+def clip_inputs(batch: int = 2, seed: int = 2) -> torch.Tensor:
+    return torch.randint(3, SMALL_CLIP["vocab_size"], (batch, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize(module: nn.Module, std: float = 0.1, seed: int = 0) -> None:
+    """Give every trainable parameter a random value, so adapters do something measurable."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
+
+
+# The host-layer matrix: non-square, multi-channel shapes for every layer type and conv option.
+HOSTS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "linear": (lambda: nn.Linear(48, 80), (3, 5, 48)),
+    "linear-nobias": (lambda: nn.Linear(48, 80, bias=False), (4, 48)),
+    "conv1d-k1": (lambda: nn.Conv1d(12, 20, 1), (2, 12, 9)),
+    "conv1d-k3": (lambda: nn.Conv1d(12, 20, 3, padding=1), (2, 12, 9)),
+    "conv2d-k1": (lambda: nn.Conv2d(12, 20, 1), (2, 12, 7, 6)),
+    "conv2d-k3": (lambda: nn.Conv2d(12, 20, 3, padding=1), (2, 12, 7, 6)),
+    "conv2d-k3x1": (lambda: nn.Conv2d(12, 20, (3, 1), padding=(1, 0)), (2, 12, 7, 6)),
+    "conv2d-stride2": (lambda: nn.Conv2d(12, 20, 3, stride=2, padding=1), (2, 12, 9, 8)),
+    "conv2d-dilation2": (lambda: nn.Conv2d(12, 20, 3, dilation=2, padding=2), (2, 12, 9, 8)),
+    "conv2d-groups2": (lambda: nn.Conv2d(12, 20, 3, groups=2, padding=1), (2, 12, 7, 6)),
+    "conv2d-reflect": (lambda: nn.Conv2d(12, 20, 3, padding=1, padding_mode="reflect"), (2, 12, 7, 6)),
+    "conv2d-circular": (lambda: nn.Conv2d(12, 20, 3, padding=1, padding_mode="circular"), (2, 12, 7, 6)),
+    "conv3d-k1": (lambda: nn.Conv3d(12, 20, 1), (1, 12, 4, 5, 6)),
+    "conv3d-k3": (lambda: nn.Conv3d(12, 20, 3, padding=1), (1, 12, 4, 5, 6)),
+}
+
+
+def make_host(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A host layer wrapped in a Sequential (so it has a path) and an input for it."""
+    factory, shape = HOSTS[name]
+    torch.manual_seed(seed)
+    model = nn.Sequential(factory()).to(dtype)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return model, x
+
+
+@pytest.fixture(params=sorted(HOSTS))
+def host_name(request) -> str:
+    return request.param
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor, for bit-exact comparisons (distinguishes -0.0 and NaNs)."""
+    return t.detach().contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
