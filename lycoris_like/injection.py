@@ -49,7 +49,7 @@ class HostDispatch:
                 bias = apply_deltas(bias, bias_deltas)
         out = host.op(x, weight, bias)
         for adapter in bypass:
-            out = out + adapter.bypass(x).to(out.dtype) * adapter.multiplier
+            out = out + adapter.adapter_output(x).to(out.dtype) * adapter.multiplier
         return out
 
 

@@ -160,18 +160,18 @@ def test_a_new_algorithm_is_one_small_class():
             super().__init__(host, **common)
             self.shift = nn.Parameter(torch.zeros(host.out_features, **self.factory()))
 
-        def delta_weight(self):
+        def adapter_delta(self, train=False):
             return torch.zeros_like(self.host.weight, dtype=self.param_dtype)
 
         def delta_bias(self):
             return self.shift
 
-        def file_tensors(self):
+        def adapter_tensors(self):
             return {"shift": self.shift.detach()}
 
         @classmethod
-        def from_file_tensors(cls, host, tensors, name):
-            module = cls(host)
+        def adapter_from_tensors(cls, host, tensors, name, **options):
+            module = cls(host, **options)
             module.shift.data.copy_(tensors["shift"])
             return module
 

@@ -14,17 +14,25 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleFileError, ShapeMismatchError, UnsupportedLayerError
 from ..hosts import HostLayer, compute_dtype
+from ..kernels.dora import dora_delta, weight_norm
 
 ALL_HOST_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 FORWARD_MODES = ("auto", "rebuild", "bypass")
 
 
 class AdapterModule(nn.Module):
-    """Base class of every algorithm. Identity at init: `delta_weight()` is exactly zero."""
+    """Base class of every algorithm. Identity at init: `delta_weight()` is exactly zero.
+
+    An algorithm implements `adapter_delta()` (its own ΔW, merge ratio included) and its file
+    layout (`adapter_tensors`, `adapter_from_tensors`), optionally `has_bypass`/`bypass` and
+    `delta_bias`. Everything else — DoRA, dropout plumbing, the multiplier, the rebuild-or-bypass
+    choice — is here, once.
+    """
 
     algo: ClassVar[str] = ""
     host_kinds: ClassVar[frozenset[str]] = ALL_HOST_KINDS
@@ -32,6 +40,10 @@ class AdapterModule(nn.Module):
     """Every key suffix the algorithm reads and writes (`lora_down.weight`, `alpha`, …)."""
     signature_keys: ClassVar[frozenset[str]] = frozenset()
     """Suffixes whose presence identifies the algorithm in a file."""
+    supports_dora: ClassVar[bool] = False
+    """Whether `weight_decompose=True` (DoRA) applies; adds the `dora_scale` key."""
+    dropout_in_bypass: ClassVar[bool] = False
+    """Whether `bypass` applies `dropout` itself (LoRA: on the rank-r activations)."""
 
     def __init__(
         self,
@@ -41,6 +53,8 @@ class AdapterModule(nn.Module):
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
         rank_dropout_scale: bool = False,
+        weight_decompose: bool = False,
+        wd_on_out: bool = True,
     ) -> None:
         super().__init__()
         if host.kind not in self.host_kinds:
@@ -51,37 +65,42 @@ class AdapterModule(nn.Module):
         for name, p in (("dropout", dropout), ("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
             if not 0.0 <= float(p) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {p!r}")
+        if weight_decompose and not self.supports_dora:
+            raise ConfigError(f"weight_decompose (DoRA) is not available for {self.algo}")
         self.host = host
         self.dropout = float(dropout)
         self.rank_dropout = float(rank_dropout)
         self.module_dropout = float(module_dropout)
         self.rank_dropout_scale = bool(rank_dropout_scale)
+        self.wd_on_out = bool(wd_on_out)
         self.enabled = True
         self.merged = False
         self.forward_mode = "auto"
         self.register_buffer("multiplier", torch.ones((), **self.factory()), persistent=False)
+        self.dora_scale = (
+            nn.Parameter(weight_norm(host.weight.detach().to(self.param_dtype), self.wd_on_out))
+            if weight_decompose
+            else None
+        )
 
-    # ----------------------------------------------------------------- the contract
+    # ----------------------------------------------------------------- what an algorithm implements
 
-    def delta_weight(self) -> Tensor:
-        """ΔW in the host weight's shape, merge ratio included, multiplier excluded."""
+    def adapter_delta(self, train: bool = False) -> Tensor:
+        """The algorithm's own ΔW in the host weight's shape, merge ratio included;
+        `train=True` applies training-time randomness (rank dropout)."""
         raise NotImplementedError
 
     def delta_bias(self) -> Tensor | None:
         """Δb for algorithms that change the bias; None otherwise."""
         return None
 
-    def train_delta_weight(self) -> Tensor:
-        """ΔW as the training forward sees it (rank dropout applied); merges never use this."""
-        return self.delta_weight()
-
     @property
-    def can_bypass(self) -> bool:
-        """Whether `bypass` is available for this host."""
+    def has_bypass(self) -> bool:
+        """Whether the algorithm has a cheap `bypass` for this host."""
         return False
 
     def bypass(self, x: Tensor) -> Tensor:
-        """The adapter's contribution `op(x, ΔW)` without building ΔW (multiplier excluded)."""
+        """`op(x, ΔW)` without building ΔW (multiplier excluded)."""
         raise NotImplementedError
 
     def rebuild_flops(self) -> int:
@@ -92,18 +111,68 @@ class AdapterModule(nn.Module):
         """Cost of one bypass forward over `tokens` positions (cost-model input)."""
         return tokens * self.host.weight.numel()
 
-    def file_tensors(self) -> dict[str, Tensor]:
-        """The tensors written to a file, keyed by suffix (LyCORIS names)."""
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        """The algorithm's tensors in a file, keyed by suffix (LyCORIS names)."""
         raise NotImplementedError
 
     @classmethod
-    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str) -> AdapterModule:
-        """Build the adapter a file describes; raise a typed error naming `name.<key>` if it does not fit."""
+    def adapter_from_tensors(
+        cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any
+    ) -> AdapterModule:
+        """Build the adapter a file describes (passing `options` to `__init__`); raise a typed
+        error naming `name.<key>` if it does not fit the host."""
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
         """Algorithm, rank and options, for metadata and inspection."""
         return {"algo": self.algo}
+
+    # ----------------------------------------------------------------- the contract consumers use
+
+    def delta_weight(self) -> Tensor:
+        """ΔW in the host weight's shape, merge ratio included, multiplier excluded."""
+        return self._decompose(self.adapter_delta(False))
+
+    def train_delta_weight(self) -> Tensor:
+        """ΔW as the training forward sees it (rank dropout applied); merges never use this."""
+        return self._decompose(self.adapter_delta(self.training_now))
+
+    def _decompose(self, delta: Tensor) -> Tensor:
+        if self.dora_scale is None:
+            return delta
+        return dora_delta(self.host.weight.to(delta.dtype), delta, self.dora_scale, self.wd_on_out)
+
+    @property
+    def can_bypass(self) -> bool:
+        return self.has_bypass and self.dora_scale is None
+
+    def adapter_output(self, x: Tensor) -> Tensor:
+        """The adapter's separate contribution to the output: the bypass, or — when dropout
+        needs a separate path and there is no bypass — the host op on ΔW; output dropout here."""
+        out = self.bypass(x) if self.can_bypass else self.host.op(x, self.train_delta_weight().to(x.dtype), None)
+        if self.dropout and self.training_now and not (self.can_bypass and self.dropout_in_bypass):
+            out = F.dropout(out, self.dropout)
+        return out
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        """The tensors written to a file, keyed by suffix."""
+        tensors = self.adapter_tensors()
+        if self.dora_scale is not None:
+            tensors["dora_scale"] = self.dora_scale.detach()
+        return tensors
+
+    @classmethod
+    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str) -> AdapterModule:
+        """Build the adapter a file describes; DoRA's axis comes from the `dora_scale` shape."""
+        scale = tensors.get("dora_scale")
+        if scale is None:
+            return cls.adapter_from_tensors(host, tensors, name)
+        on_out = dora_axis(name, host, scale)
+        own = {k: v for k, v in tensors.items() if k != "dora_scale"}
+        module = cls.adapter_from_tensors(host, own, name, weight_decompose=True, wd_on_out=on_out)
+        with torch.no_grad():
+            module.dora_scale.copy_(scale.reshape(module.dora_scale.shape))
+        return module
 
     # ----------------------------------------------------------------- shared helpers
 
@@ -111,6 +180,8 @@ class AdapterModule(nn.Module):
     def option_names(cls) -> frozenset[str]:
         """Keyword options `create_network` may pass to this algorithm."""
         names = set(inspect.signature(AdapterModule.__init__).parameters) - {"self", "host"}
+        if not cls.supports_dora:
+            names -= {"weight_decompose", "wd_on_out"}
         for param in inspect.signature(cls.__init__).parameters.values():
             if param.kind is inspect.Parameter.KEYWORD_ONLY:
                 names.add(param.name)
@@ -138,10 +209,13 @@ class AdapterModule(nn.Module):
         return True
 
     def use_bypass(self, x: Tensor) -> bool:
-        """Bypass or rebuild for this call: forced by `forward_mode`, else the cheaper one."""
+        """Bypass or rebuild for this call: dropout needs a separate path; else `forward_mode`
+        decides, or (auto) the cheaper one by the cost model."""
+        if self.dropout and self.training_now:
+            return True
         if not self.can_bypass or self.forward_mode == "rebuild":
             return False
-        if self.forward_mode == "bypass" or (self.dropout and self.training_now):
+        if self.forward_mode == "bypass":
             return True
         tokens = self.host.tokens(x)
         if torch.is_grad_enabled() and self._trainable():
@@ -212,6 +286,31 @@ def read_alpha(tensors: Mapping[str, Tensor], name: str, rank: int) -> float:
 def float32_exact(value: float) -> float:
     """`value` rounded to float32, so scales computed from it match after a save/load round trip."""
     return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def merge_ratio(alpha: float | None, rank: int, rs_lora: bool = False) -> tuple[float, float]:
+    """(stored alpha, scale). α = 0/None means α = r. rs-LoRA stores α·√r, so every reader's
+    `alpha / r` is α/√r; the scale is always computed from the float32 stored value, so a file
+    round trip reproduces it bit-exactly."""
+    alpha = float(rank if alpha is None or alpha == 0 else alpha)
+    stored = float32_exact(alpha * math.sqrt(rank) if rs_lora else alpha)
+    return stored, stored / rank
+
+
+def dora_axis(name: str, host: HostLayer, scale: Tensor) -> bool:
+    """True for an output-axis `dora_scale` (out, 1, …), False for input-axis (1, in, …)."""
+    dims = host.weight.dim()
+    out_shape = (host.out_features,) + (1,) * (dims - 1)
+    in_shape = (1, host.in_features) + (1,) * (dims - 2)
+    if tuple(scale.shape) in (out_shape, out_shape[:1]):
+        return True
+    if tuple(scale.shape) == in_shape:
+        return False
+    raise ShapeMismatchError(
+        f"{name}.dora_scale: expected shape {out_shape} (output axis) or {in_shape} (input axis), "
+        f"found {tuple(scale.shape)}",
+        keys=[f"{name}.dora_scale"],
+    )
 
 
 def check_dim(dim: Any, what: str = "dim") -> int:

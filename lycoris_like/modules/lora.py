@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..errors import ShapeMismatchError
 from ..hosts import HostLayer
 from ..kernels.lowrank import lowrank_delta
-from .base import AdapterModule, check_dim, expect_shape, float32_exact, read_alpha, require_keys
+from .base import AdapterModule, check_dim, expect_shape, merge_ratio, read_alpha, require_keys
 from .registry import register_algorithm
 
 
@@ -33,8 +33,10 @@ class LoRA(AdapterModule):
     `use_scalar` trains an extra scalar (init 0, `lora_up` random) folded into `lora_up` on save.
     """
 
-    file_keys = frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"})
+    file_keys = frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"})
     signature_keys = frozenset({"lora_down.weight", "lora_up.weight"})
+    supports_dora = True
+    dropout_in_bypass = True
 
     def __init__(
         self,
@@ -52,11 +54,7 @@ class LoRA(AdapterModule):
         self.rank = rank
         self.tucker = bool(use_tucker) and host.kernel_numel > 1
         self.rs_lora = bool(rs_lora)
-        alpha = float(rank if alpha is None or alpha == 0 else alpha)
-        # The stored alpha is what files carry; the scale is always alpha_stored / r, so a
-        # reloaded file reproduces it bit-exactly whatever produced it.
-        self.alpha = float32_exact(alpha * math.sqrt(rank) if self.rs_lora else alpha)
-        self.scale = self.alpha / rank
+        self.alpha, self.scale = merge_ratio(alpha, rank, self.rs_lora)
         k, ones, fac = host.kernel_size, host.ones, self.factory()
         down_kernel = ones if self.tucker else k
         self.lora_down = Factor(torch.empty(rank, host.in_features, *down_kernel, **fac))
@@ -84,18 +82,15 @@ class LoRA(AdapterModule):
             up = up * mask.view(1, -1, *([1] * (up.dim() - 2)))
         return up
 
-    def delta_weight(self) -> Tensor:
+    def adapter_delta(self, train: bool = False) -> Tensor:
         mid = self.lora_mid.weight if self.lora_mid is not None else None
-        return lowrank_delta(self._up(), self.lora_down.weight, mid)
-
-    def train_delta_weight(self) -> Tensor:
-        mid = self.lora_mid.weight if self.lora_mid is not None else None
-        return lowrank_delta(self._up(self.rank_mask(self.rank, self.lora_up.weight)), self.lora_down.weight, mid)
+        mask = self.rank_mask(self.rank, self.lora_up.weight) if train else None
+        return lowrank_delta(self._up(mask), self.lora_down.weight, mid)
 
     # ------------------------------------------------------------------ bypass
 
     @property
-    def can_bypass(self) -> bool:
+    def has_bypass(self) -> bool:
         return self.host.groups == 1
 
     def bypass(self, x: Tensor) -> Tensor:
@@ -125,7 +120,7 @@ class LoRA(AdapterModule):
 
     # ------------------------------------------------------------------ files
 
-    def file_tensors(self) -> dict[str, Tensor]:
+    def adapter_tensors(self) -> dict[str, Tensor]:
         out = {
             "lora_down.weight": self.lora_down.weight.detach(),
             "lora_up.weight": (self.lora_up.weight * self.scalar if self.scalar is not None else self.lora_up.weight).detach(),
@@ -136,7 +131,7 @@ class LoRA(AdapterModule):
         return out
 
     @classmethod
-    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str) -> LoRA:
+    def adapter_from_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> LoRA:
         require_keys(tensors, name, ("lora_down.weight", "lora_up.weight"))
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
         mid = tensors.get("lora_mid.weight")
@@ -149,7 +144,7 @@ class LoRA(AdapterModule):
         tucker = mid is not None
         if tucker and host.kernel_numel == 1:
             expect_shape(name, "lora_mid.weight", mid, (rank, rank))  # a 1×1 core: fold it into up
-        module = cls(host, rank, read_alpha(tensors, name, rank), use_tucker=tucker)
+        module = cls(host, rank, read_alpha(tensors, name, rank), use_tucker=tucker, **options)
         k, ones = host.kernel_size, host.ones
         down = expect_shape(name, "lora_down.weight", down, (rank, host.in_features, *(ones if module.tucker else k)))
         up = expect_shape(name, "lora_up.weight", up, (host.out_features, rank, *ones))
@@ -163,4 +158,5 @@ class LoRA(AdapterModule):
         return module
 
     def config(self) -> dict[str, Any]:
-        return {"algo": self.algo, "dim": self.rank, "alpha": self.alpha, "use_tucker": self.tucker}
+        return {"algo": self.algo, "dim": self.rank, "alpha": self.alpha, "use_tucker": self.tucker,
+                "weight_decompose": self.dora_scale is not None}
