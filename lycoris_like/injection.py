@@ -35,6 +35,11 @@ class HostDispatch:
                 (bypass if adapter.use_bypass(x) else rebuild).append(adapter)
         if not rebuild and not bypass:
             return self.original_forward(x, *args, **kwargs)
+        if rebuild:  # a bypass that reads the pure host output cannot share the call with a rebuild
+            for adapter in list(bypass):
+                if adapter.bypass_uses_base_out and adapter.can_bypass:
+                    bypass.remove(adapter)
+                    rebuild.append(adapter)
         host = self.host
         weight, bias = host.weight, host.bias
         if rebuild:
@@ -47,9 +52,10 @@ class HostDispatch:
             weight = apply_deltas(weight, weight_deltas)
             if bias_deltas:
                 bias = apply_deltas(bias, bias_deltas)
-        out = host.op(x, weight, bias)
+        base_out = host.op(x, weight, bias)
+        out = base_out
         for adapter in bypass:
-            out = out + adapter.adapter_output(x).to(out.dtype) * adapter.multiplier
+            out = out + adapter.adapter_output(x, base_out).to(out.dtype) * adapter.multiplier
         return out
 
 

@@ -44,6 +44,9 @@ class AdapterModule(nn.Module):
     """Whether `weight_decompose=True` (DoRA) applies; adds the `dora_scale` key."""
     dropout_in_bypass: ClassVar[bool] = False
     """Whether `bypass` applies `dropout` itself (LoRA: on the rank-r activations)."""
+    bypass_uses_base_out: ClassVar[bool] = False
+    """Whether `bypass` reads `base_out` ((IA)³ output side); it then needs the pure host output,
+    so the dispatcher rebuilds it instead whenever another adapter rebuilds in the same call."""
 
     def __init__(
         self,
@@ -99,8 +102,8 @@ class AdapterModule(nn.Module):
         """Whether the algorithm has a cheap `bypass` for this host."""
         return False
 
-    def bypass(self, x: Tensor) -> Tensor:
-        """`op(x, ΔW)` without building ΔW (multiplier excluded)."""
+    def bypass(self, x: Tensor, base_out: Tensor) -> Tensor:
+        """`op(x, ΔW, Δb)` without building ΔW (multiplier excluded); `base_out` is `op(x, W, b)`."""
         raise NotImplementedError
 
     def rebuild_flops(self) -> int:
@@ -146,10 +149,14 @@ class AdapterModule(nn.Module):
     def can_bypass(self) -> bool:
         return self.has_bypass and self.dora_scale is None
 
-    def adapter_output(self, x: Tensor) -> Tensor:
+    def adapter_output(self, x: Tensor, base_out: Tensor) -> Tensor:
         """The adapter's separate contribution to the output: the bypass, or — when dropout
-        needs a separate path and there is no bypass — the host op on ΔW; output dropout here."""
-        out = self.bypass(x) if self.can_bypass else self.host.op(x, self.train_delta_weight().to(x.dtype), None)
+        needs a separate path and there is no bypass — the host op on ΔW, Δb; output dropout here."""
+        if self.can_bypass:
+            out = self.bypass(x, base_out)
+        else:
+            delta_bias = self.delta_bias()
+            out = self.host.op(x, self.train_delta_weight().to(x.dtype), None if delta_bias is None else delta_bias.to(x.dtype))
         if self.dropout and self.training_now and not (self.can_bypass and self.dropout_in_bypass):
             out = F.dropout(out, self.dropout)
         return out

@@ -93,7 +93,7 @@ class LoRA(AdapterModule):
     def has_bypass(self) -> bool:
         return self.host.groups == 1
 
-    def bypass(self, x: Tensor) -> Tensor:
+    def bypass(self, x: Tensor, base_out: Tensor) -> Tensor:
         host = self.host
         down = self.lora_down.weight.to(x.dtype)
         if self.lora_mid is not None:
