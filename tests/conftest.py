@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 torch.set_num_threads(2)
@@ -92,6 +93,31 @@ HOSTS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
+# Every algorithm and option variant, for the cross-algorithm property matrix (TESTING.md).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "lora": ("lora", {}),
+    "lora-tucker": ("lora", {"use_tucker": True}),
+    "lora-scalar": ("lora", {"use_scalar": True}),
+    "lora-rslora": ("lora", {"rs_lora": True}),
+    "lora-dora": ("lora", {"weight_decompose": True}),
+    "lora-dora-in": ("lora", {"weight_decompose": True, "wd_on_out": False}),
+    "loha": ("loha", {}),
+    "loha-tucker": ("loha", {"use_tucker": True}),
+    "loha-scalar": ("loha", {"use_scalar": True}),
+    "loha-dora": ("loha", {"weight_decompose": True}),
+    "lokr": ("lokr", {}),
+    "lokr-factor4": ("lokr", {"factor": 4}),
+    "lokr-both": ("lokr", {"decompose_both": True, "factor": 4}),
+    "lokr-full": ("lokr", {"full_matrix": True}),
+    "lokr-unbalanced": ("lokr", {"unbalanced_factorization": True}),
+    "lokr-tucker": ("lokr", {"use_tucker": True}),
+    "lokr-dora-in": ("lokr", {"weight_decompose": True, "wd_on_out": False}),
+    "ia3": ("ia3", {}),
+    "ia3-input": ("ia3", {"train_on_input": True}),
+    "full": ("full", {}),
+}
+
+
 def make_host(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A host layer wrapped in a Sequential (so it has a path) and an input for it."""
     factory, shape = HOSTS[name]
@@ -104,6 +130,24 @@ def make_host(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> t
 @pytest.fixture(params=sorted(HOSTS))
 def host_name(request) -> str:
     return request.param
+
+
+_MODULE_BIAS = object()
+
+
+def reference_op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias=_MODULE_BIAS) -> torch.Tensor:
+    """The layer's maths spelled out from its attributes (padding modes through F.pad), not its
+    forward — the independent reference every forward test compares with."""
+    bias = module.bias if bias is _MODULE_BIAS else bias
+    if isinstance(module, nn.Linear):
+        y = x @ weight.T
+        return y + bias if bias is not None else y
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 2]
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)], mode=module.padding_mode)
+        padding = 0
+    return conv(x, weight, bias, module.stride, padding, module.dilation, module.groups)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from lycoris_like import create_network
 from lycoris_like.kernels.lowrank import lowrank_delta
 
-from conftest import HOSTS, make_host, randomize
+from conftest import HOSTS, make_host, randomize, reference_op
 
 VARIANTS = {
     "plain": {},
@@ -40,21 +40,6 @@ def naive_delta(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None, 
         for b in range(r):
             delta += up[:, a].reshape(out, 1, *ones) * down[b].reshape(1, -1, *ones) * mid[a, b].reshape(1, 1, *k)
     return scale * delta
-
-
-def naive_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The layer's maths spelled out from its attributes (padding modes through F.pad)."""
-    if isinstance(module, nn.Linear):
-        y = x @ weight.T
-        return y + module.bias if module.bias is not None else y
-    dims = weight.dim() - 2
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
-    padding = module.padding
-    if module.padding_mode != "zeros":
-        pads = [p for p in reversed(padding) for _ in range(2)]
-        x = F.pad(x, pads, mode=module.padding_mode)
-        padding = 0
-    return conv(x, weight, module.bias, module.stride, padding, module.dilation, module.groups)
 
 
 def expected_scale(dim: int, alpha: float, rs_lora: bool) -> float:
@@ -86,8 +71,8 @@ def test_forward_matches_naive_layer_maths(host_name, variant, mode):
     up = adapter.lora_up.weight * (adapter.scalar if adapter.scalar is not None else 1)
     mid = adapter.lora_mid.weight if adapter.lora_mid is not None else None
     delta = naive_delta(up, adapter.lora_down.weight, mid, expected_scale(4, 3.0, variant == "rslora"))
-    expected = naive_forward(model[0], x, model[0].weight + 0.7 * delta)
-    base = naive_forward(model[0], x, model[0].weight)
+    expected = reference_op(model[0], x, model[0].weight + 0.7 * delta)
+    base = reference_op(model[0], x, model[0].weight)
     y = model(x)
     assert not torch.allclose(y, base)
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)

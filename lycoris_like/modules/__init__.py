@@ -2,6 +2,6 @@
 
 from .base import AdapterModule
 from .registry import algorithm_names, detect_algorithm, get_algorithm, register_algorithm
-from . import lora  # noqa: F401  (registers "lora"/"locon")
+from . import full, ia3, lokr, lora, loha  # noqa: F401  (registration)
 
 __all__ = ["AdapterModule", "algorithm_names", "detect_algorithm", "get_algorithm", "register_algorithm"]

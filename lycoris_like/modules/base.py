@@ -185,13 +185,14 @@ class AdapterModule(nn.Module):
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
-        """Keyword options `create_network` may pass to this algorithm."""
+        """Keyword options `create_network` may pass: the base's, and the keyword-only
+        arguments of the algorithm's `__init__`."""
         names = set(inspect.signature(AdapterModule.__init__).parameters) - {"self", "host"}
-        if not cls.supports_dora:
-            names -= {"weight_decompose", "wd_on_out"}
         for param in inspect.signature(cls.__init__).parameters.values():
             if param.kind is inspect.Parameter.KEYWORD_ONLY:
                 names.add(param.name)
+        if not cls.supports_dora:
+            names -= {"weight_decompose", "wd_on_out"}
         return frozenset(names)
 
     @property

@@ -1,0 +1,87 @@
+"""Kronecker-product maths for LoKr: the factorisation rule, ΔW = W1 ⊗ W2, and the bypass
+Δy = vec(W1 · unvec(x) · W2ᵀ) that never builds ΔW (LyCORIS paper, App. B.3).
+
+Layout (LyCORIS files): W1 is (a, c), W2 is (b, d[, k…]); ΔW is (a·b, c·d[, k…]) with
+ΔW[i·b + p, j·d + q, …] = W1[i, j] · W2[p, q, …] — for convolutions W1 is broadcast over the
+kernel as (a, c, 1, …), i.e. unsqueezed at the END.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n) with m ≤ n and m·n = `dimension`, the split LyCORIS uses for LoKr.
+
+    `factor > 0` dividing `dimension`: (min(f, d/f), max(f, d/f)). Otherwise the divisor pair
+    closest to √d whose smaller member is at most `factor` (`factor < 0`: no bound).
+    Examples: 320 → (16, 20); factor 8 → (8, 40); factor 64 → (5, 64).
+    """
+    if dimension <= 0:
+        raise ValueError(f"cannot factorise {dimension}")
+    if factor == 0:
+        raise ValueError("factor must be positive, or negative for no bound")
+    if factor > 0 and dimension % factor == 0:
+        other = dimension // factor
+        return min(factor, other), max(factor, other)
+    bound = math.isqrt(dimension) if factor < 0 else min(math.isqrt(dimension), factor)
+    m = max(i for i in range(1, bound + 1) if dimension % i == 0)
+    return m, dimension // m
+
+
+def tucker_w2(core: Tensor, w2_a: Tensor, w2_b: Tensor) -> Tensor:
+    """W2[p, q, …] = Σᵢⱼ core[i, j, …] · w2_a[i, p] · w2_b[j, q] (LyCORIS Tucker orientation:
+    core (r, r, k…), w2_a (r, b) on the output mode, w2_b (r, d) on the input mode)."""
+    return torch.einsum("ij...,ip,jq->pq...", core, w2_a, w2_b)
+
+
+def lowrank_w2(w2_a: Tensor, w2_b: Tensor, kernel: tuple[int, ...]) -> Tensor:
+    """W2 = w2_a · w2_b with w2_b (r, d·k…) flattened (or (r, d, k…)); returns (b, d, k…)."""
+    b, r = w2_a.shape
+    return (w2_a @ w2_b.reshape(r, -1)).reshape(b, -1, *kernel)
+
+
+def kron_delta(w1: Tensor, w2: Tensor) -> Tensor:
+    """ΔW = W1 ⊗ W2 with W1 (a, c) broadcast over W2's kernel dims: (a·b, c·d, k…)."""
+    a, c = w1.shape
+    b, d, *kernel = w2.shape
+    ones = (1,) * len(kernel)
+    prod = w1.reshape(a, 1, c, 1, *ones) * w2.reshape(1, b, 1, d, *kernel)
+    return prod.reshape(a * b, c * d, *kernel)
+
+
+def kron_linear_bypass(x: Tensor, w1: Tensor, right: Callable[[Tensor], Tensor]) -> Tensor:
+    """ΔW·x for a Linear host without ΔW: X = unvec(x) (…, c, d); Y = W1 · (X · W2ᵀ) → (…, a·b).
+
+    `right(X)` applies W2 on the last axis ((…, c, d) → (…, c, b)), e.g. `X @ w2.T` or a
+    low-rank chain.
+    """
+    a, c = w1.shape
+    grouped = x.reshape(*x.shape[:-1], c, x.shape[-1] // c)
+    h = right(grouped)  # (…, c, b)
+    y = torch.matmul(w1, h)  # (a, c) @ (…, c, b) → (…, a, b)
+    return y.reshape(*y.shape[:-2], -1)
+
+
+def kron_conv_bypass(x: Tensor, w1: Tensor, inner: Callable[[Tensor], Tensor], spatial_dims: int) -> Tensor:
+    """ΔW ⋆ x for a (groups = 1) convolution without ΔW.
+
+    The c input groups of d channels are folded into the batch, `inner` runs W2 (b, d, k…) on them
+    in the host's own conv geometry ((N·c, d, S…) → (N·c, b, S′…)), and W1 mixes the groups:
+    Y[n, i·b + p] = Σⱼ W1[i, j] · (W2 ⋆ x[n, j·d:(j+1)·d])[p].
+    """
+    unbatched = x.dim() == spatial_dims + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    a, c = w1.shape
+    n, channels, *size = x.shape
+    h = inner(x.reshape(n * c, channels // c, *size))
+    h = h.reshape(n, c, *h.shape[1:])  # (N, c, b, S′…)
+    y = torch.einsum("ij,nj...->ni...", w1, h)  # (N, a, b, S′…)
+    y = y.reshape(n, -1, *y.shape[3:])
+    return y.squeeze(0) if unbatched else y

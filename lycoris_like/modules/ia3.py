@@ -1,0 +1,133 @@
+"""(IA)³: a learned vector l rescales the host's output (default) or input channels by (1 + m·l).
+
+ΔW = W ⊙ l, broadcast over the output rows or the input columns (grouped convs: column `c` of
+the rows of group `g` is input channel `g·in/groups + c`). On the output side the whole output is
+rescaled, bias included, so Δb = b ⊙ l; on the input side the bias is untouched. Merge and the
+unmerged forward therefore agree exactly. (LyCORIS 4.1.3's bypass forward scales the bias while
+its merge does not; PEFT scales it in both, as we do.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import IncompatibleFileError
+from ..hosts import HostLayer
+from .base import AdapterModule, expect_shape, require_keys
+from .registry import register_algorithm
+
+
+@register_algorithm("ia3")
+class IA3(AdapterModule):
+    """y = (1 + m·l) ⊙ op(x, W, b) (output side) or op((1 + m·l) ⊙ x, W, b) (`train_on_input`).
+
+    `dim` and `alpha` are accepted (every algorithm takes them) and ignored: there is no rank and
+    no merge ratio. `rank_dropout` masks entries of l in ΔW during training; Δb is never dropped
+    (as for every algorithm, rank dropout acts on ΔW only).
+    """
+
+    file_keys = frozenset({"weight", "on_input"})
+    signature_keys = frozenset({"on_input", "weight"})
+    bypass_uses_base_out = True
+
+    def __init__(
+        self,
+        host: HostLayer,
+        dim: int = 1,
+        alpha: float | None = None,
+        *,
+        train_on_input: bool = False,
+        **common: Any,
+    ) -> None:
+        super().__init__(host, **common)
+        self.on_input = bool(train_on_input)
+        self.channels = host.in_features * host.groups if self.on_input else host.out_features
+        shape = (self.channels,) if host.kind == "linear" else (1, self.channels, *host.ones)
+        self.weight = nn.Parameter(torch.zeros(shape, **self.factory()))
+
+    # ------------------------------------------------------------------ ΔW, Δb
+
+    def _vector(self, train: bool) -> tuple[Tensor, Tensor]:
+        """(l, l with the training-time rank-dropout mask applied) as 1-D tensors."""
+        vec = self.weight.reshape(self.channels)
+        mask = self.rank_mask(self.channels, vec) if train else None
+        return vec, vec if mask is None else vec * mask
+
+    def _weight_scale(self, vec: Tensor) -> Tensor:
+        """l laid out to broadcast against the host weight (out, in/groups, k…)."""
+        host = self.host
+        ones = host.ones
+        if not self.on_input:
+            return vec.reshape(host.out_features, 1, *ones)
+        groups = host.groups
+        if groups == 1:
+            return vec.reshape(1, host.in_features, *ones)
+        # Row o belongs to group o // (out/groups); its column c reads input channel g·(in/groups) + c.
+        per_group = vec.reshape(groups, 1, host.in_features)
+        rows = per_group.expand(groups, host.out_features // groups, host.in_features)
+        return rows.reshape(host.out_features, host.in_features, *ones)
+
+    def adapter_delta(self, train: bool = False) -> Tensor:
+        _, vec = self._vector(train)
+        return self.host.weight.to(vec.dtype) * self._weight_scale(vec)
+
+    def delta_bias(self) -> Tensor | None:
+        if self.on_input or self.host.bias is None:
+            return None
+        return self.host.bias.to(self.weight.dtype) * self.weight.reshape(self.channels)
+
+    # ------------------------------------------------------------------ bypass
+
+    @property
+    def has_bypass(self) -> bool:
+        return not self.on_input
+
+    def _channel_view(self, vec: Tensor) -> Tensor:
+        """`vec` shaped to broadcast on a host output's channel axis: last for Linear, the one
+        before the spatial dims for convs (batched or not)."""
+        if self.host.kind == "linear":
+            return vec
+        return vec.reshape(self.channels, *([1] * len(self.host.kernel_size)))
+
+    def bypass(self, x: Tensor, base_out: Tensor) -> Tensor:
+        vec, kept = self._vector(self.training_now)
+        out = base_out * self._channel_view(kept.to(base_out.dtype))
+        bias = self.host.bias
+        if kept is not vec and bias is not None:  # rank dropout: Δb = b ⊙ l is never dropped
+            out = out + self._channel_view((vec - kept).to(base_out.dtype) * bias.to(base_out.dtype))
+        return out
+
+    def bypass_flops(self, tokens: int) -> int:
+        return tokens * self.host.out_features
+
+    # ------------------------------------------------------------------ files
+
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        return {
+            "weight": self.weight.detach(),
+            "on_input": torch.tensor(int(self.on_input), dtype=torch.int64),
+        }
+
+    @classmethod
+    def adapter_from_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> IA3:
+        require_keys(tensors, name, ("weight", "on_input"))
+        flag = tensors["on_input"]
+        value = float(flag.double().reshape(-1)[0]) if flag.numel() == 1 else None
+        if value not in (0.0, 1.0):
+            found = f"value {value}" if value is not None else f"shape {tuple(flag.shape)}"
+            raise IncompatibleFileError(
+                f"{name}.on_input: expected a single 0 (output side) or 1 (input side), found {found}",
+                keys=[f"{name}.on_input"],
+            )
+        module = cls(host, train_on_input=value == 1.0, **options)
+        weight = expect_shape(name, "weight", tensors["weight"], tuple(module.weight.shape))
+        with torch.no_grad():
+            module.weight.copy_(weight)
+        return module
+
+    def config(self) -> dict[str, Any]:
+        return {"algo": self.algo, "train_on_input": self.on_input}
