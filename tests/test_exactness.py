@@ -124,6 +124,21 @@ def test_only_adapter_parameters_get_gradients(host_name, variant):
         assert all(p.grad is None for p in model.parameters())
 
 
+def test_bypass_and_rebuild_give_the_same_gradients(host_name, variant):
+    model, x, base, net = adapted(host_name, variant, torch.float64)
+    randomize(net, std=0.5, seed=9)
+    model.requires_grad_(False)
+    grads = {}
+    for mode in ("rebuild", "bypass"):
+        net.set_forward_mode(mode)
+        net.zero_grad()
+        model(x).square().sum().backward()
+        grads[mode] = [p.grad.clone() for p in net.parameters()]
+    assert all(g.abs().max() > 0 for g in grads["rebuild"])
+    for a, b in zip(grads["rebuild"], grads["bypass"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_training_randomness_never_reaches_eval_merge_or_delta(host_name, variant):
     model, x, base, net = adapted(host_name, variant, dropout=0.5, rank_dropout=0.5, module_dropout=0.3)
     randomize(net, std=0.5, seed=7)

@@ -185,12 +185,16 @@ class AdapterModule(nn.Module):
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
-        """Keyword options `create_network` may pass: the base's, and the keyword-only
-        arguments of the algorithm's `__init__`."""
-        names = set(inspect.signature(AdapterModule.__init__).parameters) - {"self", "host"}
-        for param in inspect.signature(cls.__init__).parameters.values():
-            if param.kind is inspect.Parameter.KEYWORD_ONLY:
-                names.add(param.name)
+        """Keyword options `create_network` may pass: the keyword-only `__init__` arguments of
+        every class from the algorithm up to this base."""
+        names = {"dropout", "rank_dropout", "module_dropout", "rank_dropout_scale"}
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                for param in inspect.signature(klass.__init__).parameters.values():
+                    if param.kind is inspect.Parameter.KEYWORD_ONLY:
+                        names.add(param.name)
+            if klass is AdapterModule:
+                break
         if not cls.supports_dora:
             names -= {"weight_decompose", "wd_on_out"}
         return frozenset(names)
@@ -248,6 +252,43 @@ class AdapterModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.algo} on {self.host.kind} {tuple(self.host.weight.shape)}"
+
+
+class RankedAdapter(AdapterModule):
+    """What the rank-r algorithms (LoRA, LoHa, LoKr) share: rank, α and γ (rs-LoRA), the Tucker
+    flag, an optional trained scalar folded into one factor on save, and DoRA."""
+
+    supports_dora = True
+
+    def __init__(
+        self,
+        host: HostLayer,
+        dim: int = 4,
+        alpha: float | None = 1.0,
+        *,
+        use_tucker: bool = False,
+        rs_lora: bool = False,
+        use_scalar: bool = False,
+        **common: Any,
+    ) -> None:
+        super().__init__(host, **common)
+        self.rank = check_dim(dim)
+        self.tucker = bool(use_tucker) and host.kernel_numel > 1
+        self.rs_lora = bool(rs_lora)
+        self.alpha, self.scale = merge_ratio(alpha, self.rank, self.rs_lora)
+        self.scalar = nn.Parameter(torch.zeros((), **self.factory())) if use_scalar else None
+
+    def with_scalar(self, factor: Tensor) -> Tensor:
+        """`factor` times the trained scalar (as files store it), or `factor` itself."""
+        return factor if self.scalar is None else factor * self.scalar
+
+    def alpha_tensor(self) -> Tensor:
+        """The per-module float32 `alpha` files carry."""
+        return torch.tensor(self.alpha, dtype=torch.float32, device="cpu")
+
+    def config(self) -> dict[str, Any]:
+        return {"algo": self.algo, "dim": self.rank, "alpha": self.alpha, "use_tucker": self.tucker,
+                "rs_lora": self.rs_lora, "weight_decompose": self.dora_scale is not None}
 
 
 # --------------------------------------------------------------------- file validation helpers

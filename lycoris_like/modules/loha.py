@@ -12,14 +12,14 @@ from torch import Tensor, nn
 from ..errors import ShapeMismatchError
 from ..hosts import HostLayer
 from ..kernels.hadamard import hadamard_delta, hadamard_tucker_delta, khatri_rao_factors
-from .base import AdapterModule, check_dim, expect_shape, merge_ratio, read_alpha, require_keys
+from .base import RankedAdapter, expect_shape, read_alpha, require_keys
 from .registry import register_algorithm
 
 FACTOR_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
 @register_algorithm("loha")
-class LoHa(AdapterModule):
+class LoHa(RankedAdapter):
     """ΔW = (α/r)·(w1_a·w1_b) ⊙ (w2_a·w2_b), reshaped to the host weight (conv: out × in·k…).
 
     `use_tucker` (convs with kernel > 1): each factor is `t_i ×₁ w_i_a ×₂ w_i_b` with cores
@@ -30,25 +30,10 @@ class LoHa(AdapterModule):
 
     file_keys = frozenset({*FACTOR_KEYS, "hada_t1", "hada_t2", "alpha", "dora_scale"})
     signature_keys = frozenset({"hada_w1_a", "hada_w1_b"})
-    supports_dora = True
 
-    def __init__(
-        self,
-        host: HostLayer,
-        dim: int = 4,
-        alpha: float | None = 1.0,
-        *,
-        use_tucker: bool = False,
-        rs_lora: bool = False,
-        use_scalar: bool = False,
-        **common: Any,
-    ) -> None:
-        super().__init__(host, **common)
-        rank = check_dim(dim)
-        self.rank = rank
-        self.tucker = bool(use_tucker) and host.kernel_numel > 1
-        self.rs_lora = bool(rs_lora)
-        self.alpha, self.scale = merge_ratio(alpha, rank, self.rs_lora)
+    def __init__(self, host: HostLayer, dim: int = 4, alpha: float | None = 1.0, **options: Any) -> None:
+        super().__init__(host, dim, alpha, **options)
+        rank = self.rank
         fac = self.factory()
         out, inp = host.out_features, host.in_features
         if self.tucker:
@@ -67,20 +52,16 @@ class LoHa(AdapterModule):
         nn.init.normal_(self.hada_w1_b, std=1.0)
         nn.init.normal_(self.hada_w1_a, std=0.1)
         nn.init.normal_(self.hada_w2_b, std=1.0)
-        if use_scalar:
+        if self.scalar is not None:  # the scalar (init 0) makes ΔW = 0; w2_a may then be random
             nn.init.normal_(self.hada_w2_a, std=0.1)
-            self.scalar = nn.Parameter(torch.zeros((), **fac))
         else:
             nn.init.zeros_(self.hada_w2_a)  # (w2_a·w2_b) = 0 exactly, so ΔW = 0 exactly
-            self.scalar = None
 
     # ------------------------------------------------------------------ ΔW
 
     def _w1_a(self, mask: Tensor | None = None) -> Tensor:
         """`hada_w1_a` with the scalar folded in (as saved) and an optional output-row mask."""
-        a = self.hada_w1_a
-        if self.scalar is not None:
-            a = a * self.scalar
+        a = self.with_scalar(self.hada_w1_a)
         if mask is not None:  # masking rows of one factor masks the rows of ΔW
             a = a * (mask.view(1, -1) if self.tucker else mask.view(-1, 1))
         return a
@@ -135,7 +116,7 @@ class LoHa(AdapterModule):
             "hada_w1_b": self.hada_w1_b.detach(),
             "hada_w2_a": self.hada_w2_a.detach(),
             "hada_w2_b": self.hada_w2_b.detach(),
-            "alpha": torch.tensor(self.alpha, dtype=torch.float32, device="cpu"),
+            "alpha": self.alpha_tensor(),
         }
         if self.tucker:
             out["hada_t1"] = self.hada_t1.detach()
@@ -187,8 +168,3 @@ class LoHa(AdapterModule):
             for key, value in values.items():
                 getattr(module, key).copy_(value)
         return module
-
-    def config(self) -> dict[str, Any]:
-        return {"algo": self.algo, "dim": self.rank, "alpha": self.alpha, "use_tucker": self.tucker,
-                "weight_decompose": self.dora_scale is not None}
-

@@ -25,7 +25,7 @@ from ..kernels.kronecker import (
     lowrank_w2,
     tucker_w2,
 )
-from .base import AdapterModule, check_dim, expect_shape, float32_exact, merge_ratio, read_alpha, require_keys
+from .base import RankedAdapter, expect_shape, float32_exact, merge_ratio, read_alpha, require_keys
 from .registry import register_algorithm
 
 PARAM_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -101,7 +101,7 @@ def layout_for(
 
 
 @register_algorithm("lokr", aliases=("kron",))
-class LoKr(AdapterModule):
+class LoKr(RankedAdapter):
     """ΔW = γ·W1 ⊗ W2, γ = α/r (r of the decomposed half; γ = 1 when both halves are full).
 
     Options (LyCORIS names): `factor` bounds the small factor (−1: closest to √n),
@@ -112,7 +112,6 @@ class LoKr(AdapterModule):
 
     file_keys = frozenset({*PARAM_NAMES, "alpha", "dora_scale"})
     signature_keys = frozenset({"lokr_w1", "lokr_w1_a"})
-    supports_dora = True
 
     def __init__(
         self,
@@ -129,18 +128,15 @@ class LoKr(AdapterModule):
         use_scalar: bool = False,
         **common: Any,
     ) -> None:
-        super().__init__(host, **common)
-        self.rank = check_dim(dim)
+        super().__init__(host, dim, alpha, use_tucker=use_tucker, rs_lora=rs_lora, use_scalar=use_scalar, **common)
         if isinstance(factor, bool) or not isinstance(factor, int) or factor == 0:
             raise ConfigError(f"factor must be a positive integer or -1, got {factor!r}")
         self.factor: int | None = factor
         self.unbalanced_factorization = bool(unbalanced_factorization)
-        self.rs_lora = bool(rs_lora)
         layout = layout_for(
             host, self.rank, factor, decompose_both=bool(decompose_both), full_matrix=bool(full_matrix),
             unbalanced_factorization=self.unbalanced_factorization, use_tucker=bool(use_tucker),
         )
-        self.scalar = nn.Parameter(torch.zeros((), **self.factory())) if use_scalar else None
         # Both halves full: LyCORIS uses scale 1 and writes alpha = dim.
         self._install(layout, self.rank if layout.scale_rank is None else alpha)
 
@@ -150,6 +146,7 @@ class LoKr(AdapterModule):
         """(Re)create the parameters for `layout` with LyCORIS's init (identity: W2's last factor
         is 0, or the scalar is) and set α, γ."""
         self.layout = layout
+        self.tucker = layout.tucker
         shapes = layout.shapes()
         fac = self.factory()
         for key in PARAM_NAMES:
@@ -171,9 +168,7 @@ class LoKr(AdapterModule):
 
     def _w1(self) -> Tensor:
         """W1 (a, c) with the scalar folded in where it is saved (lokr_w1 / lokr_w1_a), then γ."""
-        first = self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_a
-        if self.scalar is not None:
-            first = first * self.scalar
+        first = self.with_scalar(self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_a)
         w1 = first if self.lokr_w1 is not None else first @ self.lokr_w1_b
         return w1 * self.scale
 
@@ -270,10 +265,8 @@ class LoKr(AdapterModule):
             p = getattr(self, key)
             if p is None:
                 continue
-            if self.scalar is not None and key in ("lokr_w1", "lokr_w1_a"):
-                p = p * self.scalar
-            out[key] = p.detach()
-        out["alpha"] = torch.tensor(self.alpha, dtype=torch.float32, device="cpu")
+            out[key] = (self.with_scalar(p) if key in ("lokr_w1", "lokr_w1_a") else p).detach()
+        out["alpha"] = self.alpha_tensor()
         return out
 
     @classmethod
@@ -298,16 +291,11 @@ class LoKr(AdapterModule):
     def config(self) -> dict[str, Any]:
         layout = self.layout
         return {
-            "algo": self.algo,
-            "dim": self.rank,
-            "alpha": self.alpha,
+            **super().config(),
             "factor": self.factor,
             "decompose_both": layout.w1_rank is not None,
             "full_matrix": layout.w2_rank is None,
             "unbalanced_factorization": self.unbalanced_factorization,
-            "use_tucker": layout.tucker,
-            "rs_lora": self.rs_lora,
-            "weight_decompose": self.dora_scale is not None,
             "w1_shape": [layout.a, layout.c],
             "w2_shape": [layout.b, layout.d, *layout.kernel],
         }

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..errors import ShapeMismatchError
 from ..hosts import HostLayer
 from ..kernels.lowrank import lowrank_delta
-from .base import AdapterModule, check_dim, expect_shape, merge_ratio, read_alpha, require_keys
+from .base import RankedAdapter, expect_shape, read_alpha, require_keys
 from .registry import register_algorithm
 
 
@@ -26,7 +26,7 @@ class Factor(nn.Module):
 
 
 @register_algorithm("lora", aliases=("locon",))
-class LoRA(AdapterModule):
+class LoRA(RankedAdapter):
     """ΔW = (α/r)·up·down. `use_tucker` adds a core `lora_mid` (r, r, k…) for k>1 convs.
 
     `rs_lora` uses α/√r and stores α·√r in files so any reader recovers the same scale;
@@ -35,49 +35,27 @@ class LoRA(AdapterModule):
 
     file_keys = frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"})
     signature_keys = frozenset({"lora_down.weight", "lora_up.weight"})
-    supports_dora = True
     dropout_in_bypass = True
 
-    def __init__(
-        self,
-        host: HostLayer,
-        dim: int = 4,
-        alpha: float | None = 1.0,
-        *,
-        use_tucker: bool = False,
-        rs_lora: bool = False,
-        use_scalar: bool = False,
-        **common: Any,
-    ) -> None:
-        super().__init__(host, **common)
-        rank = check_dim(dim)
-        self.rank = rank
-        self.tucker = bool(use_tucker) and host.kernel_numel > 1
-        self.rs_lora = bool(rs_lora)
-        self.alpha, self.scale = merge_ratio(alpha, rank, self.rs_lora)
-        k, ones, fac = host.kernel_size, host.ones, self.factory()
-        down_kernel = ones if self.tucker else k
-        self.lora_down = Factor(torch.empty(rank, host.in_features, *down_kernel, **fac))
+    def __init__(self, host: HostLayer, dim: int = 4, alpha: float | None = 1.0, **options: Any) -> None:
+        super().__init__(host, dim, alpha, **options)
+        rank, k, ones, fac = self.rank, host.kernel_size, host.ones, self.factory()
+        self.lora_down = Factor(torch.empty(rank, host.in_features, *(ones if self.tucker else k), **fac))
         self.lora_mid = Factor(torch.empty(rank, rank, *k, **fac)) if self.tucker else None
         self.lora_up = Factor(torch.empty(host.out_features, rank, *ones, **fac))
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         if self.lora_mid is not None:
             nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
-        if use_scalar:
+        if self.scalar is not None:  # the scalar (init 0) makes ΔW = 0; up may then be random
             nn.init.kaiming_uniform_(self.lora_up.weight, a=math.sqrt(5))
-            self.scalar = nn.Parameter(torch.zeros((), **fac))
         else:
             nn.init.zeros_(self.lora_up.weight)
-            self.scalar = None
 
     # ------------------------------------------------------------------ ΔW
 
     def _up(self, mask: Tensor | None = None) -> Tensor:
         """`lora_up` with the scalar folded in (as saved), then γ and an optional rank mask."""
-        up = self.lora_up.weight
-        if self.scalar is not None:
-            up = up * self.scalar
-        up = up * self.scale
+        up = self.with_scalar(self.lora_up.weight) * self.scale
         if mask is not None:
             up = up * mask.view(1, -1, *([1] * (up.dim() - 2)))
         return up
@@ -123,8 +101,8 @@ class LoRA(AdapterModule):
     def adapter_tensors(self) -> dict[str, Tensor]:
         out = {
             "lora_down.weight": self.lora_down.weight.detach(),
-            "lora_up.weight": (self.lora_up.weight * self.scalar if self.scalar is not None else self.lora_up.weight).detach(),
-            "alpha": torch.tensor(self.alpha, dtype=torch.float32, device="cpu"),
+            "lora_up.weight": self.with_scalar(self.lora_up.weight).detach(),
+            "alpha": self.alpha_tensor(),
         }
         if self.lora_mid is not None:
             out["lora_mid.weight"] = self.lora_mid.weight.detach()
@@ -156,7 +134,3 @@ class LoRA(AdapterModule):
             if module.tucker:
                 module.lora_mid.weight.copy_(expect_shape(name, "lora_mid.weight", mid, (rank, rank, *k)))
         return module
-
-    def config(self) -> dict[str, Any]:
-        return {"algo": self.algo, "dim": self.rank, "alpha": self.alpha, "use_tucker": self.tucker,
-                "weight_decompose": self.dora_scale is not None}
