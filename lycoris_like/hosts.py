@@ -21,7 +21,12 @@ _KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Conv1d, "conv1d"),
     (nn.Conv2d, "conv2d"),
     (nn.Conv3d, "conv3d"),
+    (nn.Embedding, "embedding"),
+    (nn.LayerNorm, "layernorm"),
+    (nn.GroupNorm, "groupnorm"),
 )
+LINEAR_AND_CONV = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
+NORMS = frozenset({"layernorm", "groupnorm"})
 _POINTWISE = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 # Subclasses whose forward is the plain op when no legacy LoRA layer is set on them.
 _PLAIN_SUBCLASSES = {"LoRACompatibleLinear", "LoRACompatibleConv"}
@@ -29,6 +34,10 @@ _PLAIN_SUBCLASSES = {"LoRACompatibleLinear", "LoRACompatibleConv"}
 
 def host_kind(module: nn.Module) -> str | None:
     """The host kind of `module`, or None when no algorithm can adapt it."""
+    if getattr(module, "weight", None) is None:  # norms without affine parameters
+        return None
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+        return None  # max_norm renormalises the weight in place; sparse gradients are not ours
     for cls, kind in _KINDS:
         if isinstance(module, cls):
             if type(module).forward is cls.forward:
@@ -41,7 +50,8 @@ def host_kind(module: nn.Module) -> str | None:
 
 @dataclass(frozen=True, eq=False)
 class HostLayer:
-    """A Linear or Conv1d/2d/3d layer seen as `y = op(x, W, b)`."""
+    """A layer seen as `y = op(x, W, b)`: Linear, Conv1d/2d/3d, and for the algorithms that
+    support them Embedding, LayerNorm and GroupNorm (1-D weights)."""
 
     module: nn.Module
     kind: str
@@ -52,8 +62,9 @@ class HostLayer:
         if kind is None:
             at = f" at {where!r}" if where else ""
             raise UnsupportedLayerError(
-                f"cannot adapt {type(module).__name__}{at}: supported layers are nn.Linear and "
-                "nn.Conv1d/2d/3d (and subclasses that keep their forward)"
+                f"cannot adapt {type(module).__name__}{at}: supported layers are nn.Linear, "
+                "nn.Conv1d/2d/3d, nn.Embedding and affine nn.LayerNorm/GroupNorm (and subclasses "
+                "that keep their forward)"
             )
         return cls(module, kind)
 
@@ -67,7 +78,7 @@ class HostLayer:
 
     @property
     def is_conv(self) -> bool:
-        return self.kind != "linear"
+        return self.kind.startswith("conv")
 
     @property
     def out_features(self) -> int:
@@ -75,8 +86,8 @@ class HostLayer:
 
     @property
     def in_features(self) -> int:
-        """Input features per group (the weight's second dimension)."""
-        return self.weight.shape[1]
+        """Input features per group (the weight's second dimension; 1 for 1-D weights)."""
+        return self.weight.shape[1] if self.weight.dim() > 1 else 1
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -97,9 +108,16 @@ class HostLayer:
 
     def op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The host's own op with another weight and bias."""
+        m = self.module
         if self.kind == "linear":
             return F.linear(x, weight, bias)
-        return self.module._conv_forward(x, weight, bias)
+        if self.is_conv:
+            return m._conv_forward(x, weight, bias)
+        if self.kind == "embedding":
+            return F.embedding(x, weight, m.padding_idx, None, m.norm_type, m.scale_grad_by_freq, False)
+        if self.kind == "layernorm":
+            return F.layer_norm(x, m.normalized_shape, weight, bias, m.eps)
+        return F.group_norm(x, m.num_groups, weight, bias, m.eps)
 
     def pointwise(self, x: Tensor, weight: Tensor) -> Tensor:
         """A bias-free 1×1 map over channels (Linear for linear hosts)."""
@@ -111,6 +129,8 @@ class HostLayer:
         """How many positions the layer is applied at for input `x` (cost-model input)."""
         if self.kind == "linear":
             return x.numel() // max(x.shape[-1], 1)
+        if not self.is_conv:
+            return x.numel() if self.kind == "embedding" else x.numel() // max(self.out_features, 1)
         dims = len(self.kernel_size)
         positions = 1
         for size, stride in zip(x.shape[-dims:], self.module.stride):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .hosts import HostLayer
@@ -44,14 +45,16 @@ class HostDispatch:
         weight, bias = host.weight, host.bias
         if rebuild:
             weight_deltas, bias_deltas = [], []
+            dtype = rebuild[0].merge_dtype
             for adapter in rebuild:
+                dtype = torch.promote_types(dtype, adapter.merge_dtype)
                 weight_deltas.append((adapter.multiplier, adapter.train_delta_weight()))
                 delta_bias = adapter.delta_bias()
                 if delta_bias is not None:
                     bias_deltas.append((adapter.multiplier, delta_bias))
-            weight = apply_deltas(weight, weight_deltas)
+            weight = apply_deltas(weight, weight_deltas, dtype)
             if bias_deltas:
-                bias = apply_deltas(bias, bias_deltas)
+                bias = apply_deltas(bias, bias_deltas, dtype)
         base_out = host.op(x, weight, bias)
         out = base_out
         for adapter in bypass:

@@ -96,7 +96,10 @@ def _build(name: str, path: str, module: nn.Module, group: Mapping[str, Tensor])
             keys=[f"{name}.{s}" for s in group],
         )
     cls = detect_algorithm(name, group)
-    return cls.from_file_tensors(HostLayer.of(module, path), group, name)
+    try:
+        return cls.from_file_tensors(HostLayer.of(module, path), group, name)
+    except ConfigError as exc:  # e.g. an algorithm that does not adapt this layer type
+        raise IncompatibleFileError(f"{name}: {exc}", keys=[f"{name}.{s}" for s in group]) from exc
 
 
 def _raise(report: LoadReport, errors: dict[str, AdapterError], source: str) -> None:
@@ -138,7 +141,7 @@ def network_from_tensors(
             seen[key, path] = name
             entries.append(Entry(key, path, _build(name, path, module, group)))
             report.loaded.append(name)
-        except (IncompatibleFileError, ConfigError) as exc:
+        except IncompatibleFileError as exc:
             errors[name] = exc
             report.rejected[name] = str(exc)
     report.unmatched_keys.sort()

@@ -170,6 +170,13 @@ class AdapterNetwork(nn.Module):
         for adapter in self:
             detach(adapter)
 
+    def param_groups(self, lr: float | None = None) -> list[dict[str, Any]]:
+        """Optimizer parameter groups with each algorithm's default learning rates (see
+        `lycoris_like.training.param_groups`): `torch.optim.AdamW(net.param_groups(), lr=1e-4)`."""
+        from .training import param_groups
+
+        return param_groups(self, lr)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the adapted model, so the network itself can be wrapped (e.g. in DDP)."""
         if len(self._models) != 1:
@@ -179,10 +186,10 @@ class AdapterNetwork(nn.Module):
     # ------------------------------------------------------------------ merge / unmerge / bake
 
     def _merged_weight(self, adapter: AdapterModule, multiplier: Tensor) -> tuple[Tensor, Tensor | None]:
-        host = adapter.host
-        weight = apply_deltas(host.weight.detach(), [(multiplier, adapter.delta_weight())])
+        host, dtype = adapter.host, adapter.merge_dtype
+        weight = apply_deltas(host.weight.detach(), [(multiplier, adapter.delta_weight())], dtype)
         db = adapter.delta_bias()
-        bias = apply_deltas(host.bias.detach(), [(multiplier, db)]) if db is not None else None
+        bias = apply_deltas(host.bias.detach(), [(multiplier, db)], dtype) if db is not None else None
         return weight, bias
 
     def _check_finite(self, plan: list[tuple[AdapterModule, Tensor]]) -> None:
@@ -377,7 +384,7 @@ def create_network(
     if not math.isfinite(float(multiplier)):
         raise ConfigError(f"multiplier must be finite, got {multiplier!r}")
     resolved = load_preset(preset)
-    chosen = select(candidates(models), resolved, targets, exclude)
+    chosen = select(candidates(models, get_algorithm(algo).host_kinds), resolved, targets, exclude)
     per_layer = resolve_overrides(chosen, {**resolved.overrides, **(overrides or {})}, resolved.class_overrides)
 
     entries = []

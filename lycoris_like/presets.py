@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ConfigError
-from .hosts import HostLayer, host_kind
+from .hosts import LINEAR_AND_CONV, HostLayer, host_kind
 
 BUILTIN_PRESETS: dict[str, frozenset[str]] = {
     "attn-only": frozenset({"attn"}),
@@ -68,14 +68,16 @@ def _role(parts: list[str], modules: Mapping[str, nn.Module]) -> tuple[str, tupl
     return "other", classes
 
 
-def candidates(models: Mapping[str, nn.Module]) -> list[Candidate]:
-    """Every supported layer of every model, in `named_modules()` order."""
+def candidates(models: Mapping[str, nn.Module], kinds: Iterable[str] | None = None) -> list[Candidate]:
+    """Every layer of every model an algorithm supporting `kinds` (default: Linear and convs)
+    can adapt, in `named_modules()` order."""
+    kinds = LINEAR_AND_CONV if kinds is None else frozenset(kinds)
     found = []
     for key, model in models.items():
         modules = dict(model.named_modules())
         hidden = _NOT_IN_PRESETS.get(type(model).__name__, frozenset())
         for path, module in modules.items():
-            if host_kind(module) is None:
+            if host_kind(module) not in kinds:
                 continue
             parts = path.split(".") if path else []
             role, classes = _role(parts, modules)

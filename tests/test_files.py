@@ -214,6 +214,9 @@ BAD_FILES = {
     "missing-up": (_sd_case(lambda sd: sd.pop(f"{Q}.lora_up.weight")), IncompatibleFileError, f"{Q}.lora_up.weight"),
     "norm-layer": (_sd_case(lambda sd: sd.__setitem__("lora_unet_conv_norm_out.lora_up.weight", torch.zeros(1))), IncompatibleFileError, "lora_unet_conv_norm_out"),
     "empty": (lambda tmp_path: _rewrite(tmp_path, {}), IncompatibleFileError, None),
+    "lora-on-a-norm": (_sd_case(lambda sd: sd.update({"lora_unet_conv_norm_out.lora_up.weight": torch.zeros(32, 2),
+                                                      "lora_unet_conv_norm_out.lora_down.weight": torch.zeros(2, 32)})),
+                       IncompatibleFileError, "lora_unet_conv_norm_out"),
 }
 
 

@@ -188,3 +188,14 @@ def test_a_new_algorithm_is_one_small_class():
     torch.testing.assert_close(model(x), base + 1.0)
     net.remove()
     assert torch.equal(model(x), base)
+
+
+def test_param_groups_default_to_the_optimizer_lr_or_one_given_lr():
+    model, x = make_host("linear")
+    net = create_network(model, dim=2)
+    groups = net.param_groups()
+    assert len(groups) == 1 and "lr" not in groups[0]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in net.parameters()}
+    optimizer = torch.optim.SGD(groups, lr=0.5)
+    assert optimizer.param_groups[0]["lr"] == 0.5
+    assert net.param_groups(lr=1e-3)[0]["lr"] == 1e-3

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import Tensor
 
 from ..hosts import compute_dtype
 
 
-def apply_deltas(base: Tensor, deltas: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
-    """`base + Σ m·Δ` over `(multiplier, delta)` pairs, in compute precision, cast to base's dtype."""
-    dtype = compute_dtype(base.dtype)
+def apply_deltas(base: Tensor, deltas: Iterable[tuple[Tensor, Tensor]], dtype: torch.dtype | None = None) -> Tensor:
+    """`base + Σ m·Δ` over `(multiplier, delta)` pairs in `dtype` (default: fp32, fp64 for fp64
+    bases), cast once to base's dtype."""
+    dtype = dtype or compute_dtype(base.dtype)
     out = base.to(dtype)
     for multiplier, delta in deltas:
         out = out + multiplier.to(dtype) * delta.to(dtype)

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleFileError, ShapeMismatchError, UnsupportedLayerError
-from ..hosts import HostLayer, compute_dtype
+from ..hosts import LINEAR_AND_CONV, HostLayer, compute_dtype
 from ..kernels.dora import dora_delta, weight_norm
 
-ALL_HOST_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 FORWARD_MODES = ("auto", "rebuild", "bypass")
 
 
@@ -35,7 +34,7 @@ class AdapterModule(nn.Module):
     """
 
     algo: ClassVar[str] = ""
-    host_kinds: ClassVar[frozenset[str]] = ALL_HOST_KINDS
+    host_kinds: ClassVar[frozenset[str]] = LINEAR_AND_CONV
     file_keys: ClassVar[frozenset[str]] = frozenset()
     """Every key suffix the algorithm reads and writes (`lora_down.weight`, `alpha`, …)."""
     signature_keys: ClassVar[frozenset[str]] = frozenset()
@@ -130,6 +129,11 @@ class AdapterModule(nn.Module):
         """Algorithm, rank and options, for metadata and inspection."""
         return {"algo": self.algo}
 
+    def default_lr(self, name: str) -> float | None:
+        """The learning rate the algorithm recommends for parameter `name`, or None for the
+        optimizer's own (see `training.param_groups`)."""
+        return None
+
     # ----------------------------------------------------------------- the contract consumers use
 
     def delta_weight(self) -> Tensor:
@@ -201,6 +205,11 @@ class AdapterModule(nn.Module):
 
     @property
     def param_dtype(self) -> torch.dtype:
+        return compute_dtype(self.host.weight.dtype)
+
+    @property
+    def merge_dtype(self) -> torch.dtype:
+        """The precision W + m·ΔW is computed in before the one cast (SaRA needs float64)."""
         return compute_dtype(self.host.weight.dtype)
 
     def factory(self) -> dict[str, Any]:
