@@ -48,17 +48,17 @@ class HostDispatch:
             dtype = rebuild[0].merge_dtype
             for adapter in rebuild:
                 dtype = torch.promote_types(dtype, adapter.merge_dtype)
-                weight_deltas.append((adapter.multiplier, adapter.train_delta_weight()))
-                delta_bias = adapter.delta_bias()
+                weight_deltas.append(adapter.scaled_delta(adapter.multiplier, train=True))
+                delta_bias = adapter.scaled_delta_bias(adapter.multiplier)
                 if delta_bias is not None:
-                    bias_deltas.append((adapter.multiplier, delta_bias))
+                    bias_deltas.append(delta_bias)
             weight = apply_deltas(weight, weight_deltas, dtype)
             if bias_deltas:
                 bias = apply_deltas(bias, bias_deltas, dtype)
         base_out = host.op(x, weight, bias)
         out = base_out
         for adapter in bypass:
-            out = out + adapter.adapter_output(x, base_out).to(out.dtype) * adapter.multiplier
+            out = out + adapter.adapter_output(x, base_out).to(out.dtype)
         return out
 
 

@@ -187,9 +187,9 @@ class AdapterNetwork(nn.Module):
 
     def _merged_weight(self, adapter: AdapterModule, multiplier: Tensor) -> tuple[Tensor, Tensor | None]:
         host, dtype = adapter.host, adapter.merge_dtype
-        weight = apply_deltas(host.weight.detach(), [(multiplier, adapter.delta_weight())], dtype)
-        db = adapter.delta_bias()
-        bias = apply_deltas(host.bias.detach(), [(multiplier, db)], dtype) if db is not None else None
+        weight = apply_deltas(host.weight.detach(), [adapter.scaled_delta(multiplier)], dtype)
+        db = adapter.scaled_delta_bias(multiplier)
+        bias = apply_deltas(host.bias.detach(), [db], dtype) if db is not None else None
         return weight, bias
 
     def _check_finite(self, plan: list[tuple[AdapterModule, Tensor]]) -> None:
@@ -384,7 +384,7 @@ def create_network(
     if not math.isfinite(float(multiplier)):
         raise ConfigError(f"multiplier must be finite, got {multiplier!r}")
     resolved = load_preset(preset)
-    chosen = select(candidates(models, get_algorithm(algo).host_kinds), resolved, targets, exclude)
+    chosen = select(candidates(models, get_algorithm(algo).kinds_for(algo_options)), resolved, targets, exclude)
     per_layer = resolve_overrides(chosen, {**resolved.overrides, **(overrides or {})}, resolved.class_overrides)
 
     entries = []

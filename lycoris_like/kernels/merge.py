@@ -1,4 +1,4 @@
-"""W + Σ mᵢ·ΔWᵢ, computed in fp32 (fp64 for fp64 hosts) and cast once.
+"""W + Σ mᵢ·ΔWᵢ, computed in fp32 (fp64 for fp64 hosts, or what the adapters ask for) and cast once.
 
 The unmerged rebuild forward and `merge()` both use this function, so a merged model and the
 unmerged one it came from compute with the very same weight.
@@ -14,11 +14,11 @@ from torch import Tensor
 from ..hosts import compute_dtype
 
 
-def apply_deltas(base: Tensor, deltas: Iterable[tuple[Tensor, Tensor]], dtype: torch.dtype | None = None) -> Tensor:
-    """`base + Σ m·Δ` over `(multiplier, delta)` pairs in `dtype` (default: fp32, fp64 for fp64
+def apply_deltas(base: Tensor, deltas: Iterable[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """`base + Σ Δ` over already-scaled deltas (m·ΔW), in `dtype` (default: fp32, fp64 for fp64
     bases), cast once to base's dtype."""
     dtype = dtype or compute_dtype(base.dtype)
     out = base.to(dtype)
-    for multiplier, delta in deltas:
-        out = out + multiplier.to(dtype) * delta.to(dtype)
+    for delta in deltas:
+        out = out + delta.to(dtype)
     return out.to(base.dtype)

@@ -43,6 +43,8 @@ class AdapterModule(nn.Module):
     """Whether `weight_decompose=True` (DoRA) applies; adds the `dora_scale` key."""
     dropout_in_bypass: ClassVar[bool] = False
     """Whether `bypass` applies `dropout` itself (LoRA: on the rank-r activations)."""
+    linear_in_multiplier: ClassVar[bool] = True
+    """Whether the adapted weight is W + m·ΔW (SVDiff's multiplier sits inside a ReLU)."""
     bypass_uses_base_out: ClassVar[bool] = False
     """Whether `bypass` reads `base_out` ((IA)³ output side); it then needs the pure host output,
     so the dispatcher rebuilds it instead whenever another adapter rebuilds in the same call."""
@@ -144,6 +146,17 @@ class AdapterModule(nn.Module):
         """ΔW as the training forward sees it (rank dropout applied); merges never use this."""
         return self._decompose(self.adapter_delta(self.training_now))
 
+    def scaled_delta(self, multiplier: Tensor, train: bool = False) -> Tensor:
+        """m·ΔW in merge precision: what the rebuild forward and merges add to W. An algorithm whose
+        multiplier is not a plain factor (SVDiff: inside a ReLU) overrides this."""
+        delta = self.train_delta_weight() if train else self.delta_weight()
+        return multiplier.to(self.merge_dtype) * delta.to(self.merge_dtype)
+
+    def scaled_delta_bias(self, multiplier: Tensor) -> Tensor | None:
+        """m·Δb in merge precision, or None."""
+        delta = self.delta_bias()
+        return None if delta is None else multiplier.to(self.merge_dtype) * delta.to(self.merge_dtype)
+
     def _decompose(self, delta: Tensor) -> Tensor:
         if self.dora_scale is None:
             return delta
@@ -154,8 +167,9 @@ class AdapterModule(nn.Module):
         return self.has_bypass and self.dora_scale is None
 
     def adapter_output(self, x: Tensor, base_out: Tensor) -> Tensor:
-        """The adapter's separate contribution to the output: the bypass, or — when dropout
-        needs a separate path and there is no bypass — the host op on ΔW, Δb; output dropout here."""
+        """The adapter's separate contribution to the output, multiplier included: the bypass, or —
+        when dropout needs a separate path and there is no bypass — the host op on ΔW, Δb;
+        output dropout here."""
         if self.can_bypass:
             out = self.bypass(x, base_out)
         else:
@@ -163,7 +177,7 @@ class AdapterModule(nn.Module):
             out = self.host.op(x, self.train_delta_weight().to(x.dtype), None if delta_bias is None else delta_bias.to(x.dtype))
         if self.dropout and self.training_now and not (self.can_bypass and self.dropout_in_bypass):
             out = F.dropout(out, self.dropout)
-        return out
+        return out * self.multiplier
 
     def file_tensors(self) -> dict[str, Tensor]:
         """The tensors written to a file, keyed by suffix."""
@@ -202,6 +216,11 @@ class AdapterModule(nn.Module):
         if not cls.supports_dora:
             names -= {"weight_decompose", "wd_on_out"}
         return frozenset(names)
+
+    @classmethod
+    def kinds_for(cls, options: Mapping[str, Any]) -> frozenset[str]:
+        """The host kinds a network with these options adapts (SVDiff's norms depend on `one_d`)."""
+        return cls.host_kinds
 
     @property
     def param_dtype(self) -> torch.dtype:
