@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .hosts import HostLayer
-from .kernels.merge import apply_deltas
-from .modules.base import AdapterModule
+from .modules.base import AdapterModule, adapted_parameters
 
 
 class HostDispatch:
@@ -44,17 +42,8 @@ class HostDispatch:
         host = self.host
         weight, bias = host.weight, host.bias
         if rebuild:
-            weight_deltas, bias_deltas = [], []
-            dtype = rebuild[0].merge_dtype
-            for adapter in rebuild:
-                dtype = torch.promote_types(dtype, adapter.merge_dtype)
-                weight_deltas.append(adapter.scaled_delta(adapter.multiplier, train=True))
-                delta_bias = adapter.scaled_delta_bias(adapter.multiplier)
-                if delta_bias is not None:
-                    bias_deltas.append(delta_bias)
-            weight = apply_deltas(weight, weight_deltas, dtype)
-            if bias_deltas:
-                bias = apply_deltas(bias, bias_deltas, dtype)
+            multipliers = [adapter.multiplier for adapter in rebuild]
+            weight, bias = adapted_parameters(host, rebuild, multipliers, train=True)
         base_out = host.op(x, weight, bias)
         out = base_out
         for adapter in bypass:

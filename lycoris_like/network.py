@@ -20,9 +20,8 @@ from .formats.container import data_hash, write_safetensors
 from .formats.metadata import build_metadata
 from .formats.naming import default_prefix, module_name
 from .injection import attach, attached_adapters, detach
-from .kernels.merge import apply_deltas
 from .modules import AdapterModule, get_algorithm
-from .modules.base import FORWARD_MODES, check_dim
+from .modules.base import FORWARD_MODES, adapted_parameters, check_dim
 from .presets import load_preset, resolve_overrides, select, candidates
 
 ModelLike = nn.Module | Mapping[str, nn.Module]
@@ -186,11 +185,10 @@ class AdapterNetwork(nn.Module):
     # ------------------------------------------------------------------ merge / unmerge / bake
 
     def _merged_weight(self, adapter: AdapterModule, multiplier: Tensor) -> tuple[Tensor, Tensor | None]:
-        host, dtype = adapter.host, adapter.merge_dtype
-        weight = apply_deltas(host.weight.detach(), [adapter.scaled_delta(multiplier)], dtype)
-        db = adapter.scaled_delta_bias(multiplier)
-        bias = apply_deltas(host.bias.detach(), [db], dtype) if db is not None else None
-        return weight, bias
+        weight, bias = adapted_parameters(adapter.host, [adapter], [multiplier])
+        if bias is not None and not adapter.changes_bias:
+            bias = None  # only write (and back up) what the adapter changes
+        return weight.detach(), None if bias is None else bias.detach()
 
     def _check_finite(self, plan: list[tuple[AdapterModule, Tensor]]) -> None:
         bad = []

@@ -157,6 +157,21 @@ class AdapterModule(nn.Module):
         delta = self.delta_bias()
         return None if delta is None else multiplier.to(self.merge_dtype) * delta.to(self.merge_dtype)
 
+    def update_weight(self, acc: Tensor, multiplier: Tensor, train: bool = False) -> Tensor:
+        """`acc + m·ΔW`, `acc` being the host weight (plus earlier adapters) in merge precision.
+        A sparse algorithm (SaRA) overrides this to touch only its own entries."""
+        return acc + self.scaled_delta(multiplier, train).to(acc.dtype)
+
+    @property
+    def changes_bias(self) -> bool:
+        """Whether the adapter changes the host's bias (merges write and back up only what changes)."""
+        return self.delta_bias() is not None
+
+    def update_bias(self, acc: Tensor, multiplier: Tensor) -> Tensor:
+        """`acc + m·Δb` (unchanged for algorithms without a bias delta)."""
+        delta = self.scaled_delta_bias(multiplier)
+        return acc if delta is None else acc + delta.to(acc.dtype)
+
     def _decompose(self, delta: Tensor) -> Tensor:
         if self.dora_scale is None:
             return delta
@@ -280,6 +295,24 @@ class AdapterModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.algo} on {self.host.kind} {tuple(self.host.weight.shape)}"
+
+
+def adapted_parameters(
+    host: HostLayer, adapters: list[AdapterModule], multipliers: list[Tensor], train: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The host's weight and bias with `adapters` applied: W + Σ mᵢ·ΔWᵢ computed in the widest merge
+    precision they ask for (fp32; fp64 for fp64 hosts) and cast once. The rebuild forward and
+    `merge()` both use this one function, so a merged model computes with the very same bits."""
+    dtype = compute_dtype(host.weight.dtype)
+    for adapter in adapters:
+        dtype = torch.promote_types(dtype, adapter.merge_dtype)
+    weight = host.weight.to(dtype)
+    bias = None if host.bias is None else host.bias.to(dtype)
+    for adapter, multiplier in zip(adapters, multipliers):
+        weight = adapter.update_weight(weight, multiplier, train)
+        if bias is not None:
+            bias = adapter.update_bias(bias, multiplier)
+    return weight.to(host.weight.dtype), None if bias is None else bias.to(host.bias.dtype)
 
 
 class RankedAdapter(AdapterModule):
