@@ -119,6 +119,42 @@ class HostLayer:
             return F.layer_norm(x, m.normalized_shape, weight, bias, m.eps)
         return F.group_norm(x, m.num_groups, weight, bias, m.eps)
 
+    @property
+    def has_op_grads(self) -> bool:
+        """Whether `op_grads` is available (Linear, and convs with numeric padding)."""
+        return self.kind == "linear" or (self.is_conv and not isinstance(self.module.padding, str))
+
+    def op_grads(
+        self, x: Tensor, weight: Tensor, grad_y: Tensor, needs: tuple[bool, bool, bool]
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Gradients of `op(x, weight, bias)` w.r.t. x, weight and bias, in one pass where the
+        backend allows (for `kernels.rebuild`, which must not keep the rebuilt weight alive)."""
+        need_x, need_w, need_b = needs
+        if self.kind == "linear":
+            g2 = grad_y.reshape(-1, grad_y.shape[-1])
+            grad_x = grad_y @ weight if need_x else None
+            grad_w = g2.T @ x.reshape(-1, x.shape[-1]) if need_w else None
+            grad_b = g2.sum(0) if need_b else None
+            return grad_x, grad_w, grad_b
+        m, dims = self.module, len(self.kernel_size)
+        unbatched = x.dim() == dims + 1
+        if unbatched:
+            x, grad_y = x.unsqueeze(0), grad_y.unsqueeze(0)
+        padded = m.padding_mode != "zeros"
+        x_in = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode) if padded else x
+        padding = (0,) * dims if padded else m.padding
+        grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_y, x_in, weight, [weight.shape[0]] if need_b else None, m.stride, padding, m.dilation,
+            False, (0,) * dims, m.groups, [need_x, need_w, need_b],
+        )
+        if need_x and padded:  # the adjoint of the padding (reflect/replicate/circular)
+            x_req = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (grad_in,) = torch.autograd.grad(F.pad(x_req, m._reversed_padding_repeated_twice, mode=m.padding_mode), x_req, grad_in)
+        if unbatched and grad_in is not None:
+            grad_in = grad_in.squeeze(0)
+        return grad_in, grad_w, grad_b
+
     def pointwise(self, x: Tensor, weight: Tensor) -> Tensor:
         """A bias-free 1×1 map over channels (Linear for linear hosts)."""
         if self.kind == "linear":

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .hosts import HostLayer
+from .kernels.rebuild import rebuilt_op
 from .modules.base import AdapterModule, adapted_parameters
 
 
@@ -40,15 +42,36 @@ class HostDispatch:
                     bypass.remove(adapter)
                     rebuild.append(adapter)
         host = self.host
-        weight, bias = host.weight, host.bias
         if rebuild:
             multipliers = [adapter.multiplier for adapter in rebuild]
-            weight, bias = adapted_parameters(host, rebuild, multipliers, train=True)
-        base_out = host.op(x, weight, bias)
+            params = self._recompute_params(x, rebuild)
+            if params:
+                base_out = rebuilt_op(
+                    x, lambda: adapted_parameters(host, rebuild, multipliers, train=True), host.op, host.op_grads, params
+                )
+            else:
+                weight, bias = adapted_parameters(host, rebuild, multipliers, train=True)
+                base_out = host.op(x, weight, bias)
+        else:
+            base_out = host.op(x, host.weight, host.bias)
         out = base_out
         for adapter in bypass:
             out = out + adapter.adapter_output(x, base_out).to(out.dtype)
         return out
+
+
+    def _recompute_params(self, x: Tensor, rebuild: list[AdapterModule]) -> list[Tensor]:
+        """The trainable tensors a rebuilt weight depends on, when the forward should use
+        `kernels.rebuild` (training eagerly, no autocast); else an empty list."""
+        host = self.host
+        if not torch.is_grad_enabled() or not host.has_op_grads or torch.compiler.is_compiling():
+            return []
+        if torch.is_autocast_enabled(x.device.type):
+            return []
+        params = [p for adapter in rebuild for p in adapter.parameters() if p.requires_grad]
+        if not params:
+            return []
+        return params + [p for p in (host.weight, host.bias) if p is not None and p.requires_grad]
 
 
 def dispatch_of(module: nn.Module) -> HostDispatch | None:
