@@ -74,7 +74,7 @@ class HostLayer:
 
     @property
     def bias(self) -> Tensor | None:
-        return self.module.bias
+        return getattr(self.module, "bias", None)  # nn.Embedding has none
 
     @property
     def is_conv(self) -> bool:

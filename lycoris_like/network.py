@@ -21,7 +21,7 @@ from .formats.metadata import build_metadata
 from .formats.naming import default_prefix, module_name
 from .injection import attach, attached_adapters, detach
 from .modules import AdapterModule, get_algorithm
-from .modules.base import FORWARD_MODES, adapted_parameters, check_dim
+from .modules.base import FORWARD_MODES, MERGE_STACK, adapted_parameters, check_dim, merge_stack
 from .presets import load_preset, resolve_overrides, select, candidates
 
 ModelLike = nn.Module | Mapping[str, nn.Module]
@@ -43,14 +43,6 @@ class Entry(NamedTuple):
 class _Backup(NamedTuple):
     target: Tensor
     original: Tensor
-
-
-_MERGE_STACK = "_lycoris_like_merges"
-
-
-def _merge_stack(target: Tensor) -> list[list[int]]:
-    """Per weight tensor: which networks merged into it, in order, and the version each left."""
-    return target.__dict__.setdefault(_MERGE_STACK, [])
 
 
 def normalize_models(model: ModelLike) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -200,10 +192,16 @@ class AdapterNetwork(nn.Module):
         if bad:
             raise MergeError(f"merging would create NaN/Inf in {format_keys(bad)}; no weight was changed")
 
+    def _require_local(self, what: str) -> None:
+        """Sharded (FSDP) parameters must be gathered before whole-tensor work."""
+        if any(type(p).__name__ == "DTensor" for p in self.parameters()):
+            raise ConfigError(f"{what} needs the full parameters, but this network is sharded (FSDP): call unshard() first")
+
     @torch.no_grad()
     def merge(self, multiplier: float | None = None) -> None:
         """Fold every adapter into its host weights (fp32 compute, one cast). Checks every layer
         for NaN/Inf before writing any; keeps the originals so `unmerge()` is bit-exact."""
+        self._require_local("merge()")
         if self.merged:
             raise MergeError("this network is already merged; unmerge() first")
         plan = []
@@ -218,7 +216,7 @@ class AdapterNetwork(nn.Module):
                 if new is not None:
                     backups.append(_Backup(target, target.detach().clone()))
                     target.copy_(new)
-                    _merge_stack(target).append([id(self), target._version])
+                    merge_stack(target).append([id(self), target._version])
             adapter.merged = True
         self._backups = backups
 
@@ -228,7 +226,7 @@ class AdapterNetwork(nn.Module):
         another network that is still merged, or an optimizer step) — unmerge in reverse order."""
         if self._backups is None:
             raise MergeError("this network is not merged")
-        changed = [b for b in self._backups if _merge_stack(b.target)[-1:] != [[id(self), b.target._version]]]
+        changed = [b for b in self._backups if merge_stack(b.target)[-1:] != [[id(self), b.target._version]]]
         if changed:
             raise MergeError(
                 f"{len(changed)} merged weights changed after this merge (another network merged later, "
@@ -236,12 +234,12 @@ class AdapterNetwork(nn.Module):
             )
         for backup in reversed(self._backups):
             backup.target.copy_(backup.original)
-            stack = _merge_stack(backup.target)
+            stack = merge_stack(backup.target)
             stack.pop()
             if stack:  # the weight is again exactly what the previous merge wrote
                 stack[-1][1] = backup.target._version
             else:
-                del backup.target.__dict__[_MERGE_STACK]
+                del backup.target.__dict__[MERGE_STACK]
         for adapter in self:
             adapter.merged = False
         self._backups = None
@@ -249,6 +247,7 @@ class AdapterNetwork(nn.Module):
     @torch.no_grad()
     def bake(self, key: str | None = None) -> dict[str, Tensor]:
         """The state dict of a model with this network merged in, leaving the model unchanged."""
+        self._require_local("bake()")
         if key is None:
             if len(self._models) != 1:
                 raise ConfigError(f"name the model to bake, one of {sorted(self._models)}")
@@ -279,13 +278,14 @@ class AdapterNetwork(nn.Module):
                 raise ConfigError(f"prefix must look like 'lora_unet', got {prefix!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self._require_local("saving")
         out = {}
         for entry in self._entries:
             name = self._name(entry, prefix)
             for suffix, tensor in entry.adapter.file_tensors().items():
                 tensor = tensor.detach().to("cpu")
-                if dtype is not None and tensor.is_floating_point() and suffix != "alpha":
-                    tensor = tensor.to(dtype)
+                if dtype is not None and tensor.is_floating_point() and tensor.dim() > 0:
+                    tensor = tensor.to(dtype)  # scalars (alpha, thresholds) stay as written
                 out[f"{name}.{suffix}"] = tensor.contiguous()
         return out
 

@@ -93,6 +93,6 @@ def our_config(metadata: Mapping[str, str]) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # informative only: a hostile header must not crash a load
         return {}
     return value if isinstance(value, dict) else {}

@@ -22,6 +22,13 @@ from ..hosts import LINEAR_AND_CONV, HostLayer, compute_dtype
 from ..kernels.dora import dora_delta, weight_norm
 
 FORWARD_MODES = ("auto", "rebuild", "bypass")
+MERGE_STACK = "_lycoris_like_merges"
+
+
+def merge_stack(weight: Tensor) -> list[list[int]]:
+    """Per host weight tensor: which networks merged into it, in order, and the tensor version
+    each left behind (so unmerges run in reverse order and never undo later training)."""
+    return weight.__dict__.setdefault(MERGE_STACK, [])
 
 
 class AdapterModule(nn.Module):
@@ -43,6 +50,9 @@ class AdapterModule(nn.Module):
     """Whether `weight_decompose=True` (DoRA) applies; adds the `dora_scale` key."""
     dropout_in_bypass: ClassVar[bool] = False
     """Whether `bypass` applies `dropout` itself (LoRA: on the rank-r activations)."""
+    restorable_options: ClassVar[frozenset[str]] = frozenset()
+    """Options that change how ΔW is computed but not the file's keys (SVDiff's `svd_buffers`):
+    kept in our metadata and passed back on load."""
     linear_in_multiplier: ClassVar[bool] = True
     """Whether the adapted weight is W + m·ΔW (SVDiff's multiplier sits inside a ReLU)."""
     bypass_uses_base_out: ClassVar[bool] = False
@@ -202,14 +212,17 @@ class AdapterModule(nn.Module):
         return tensors
 
     @classmethod
-    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str) -> AdapterModule:
-        """Build the adapter a file describes; DoRA's axis comes from the `dora_scale` shape."""
+    def from_file_tensors(
+        cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any
+    ) -> AdapterModule:
+        """Build the adapter a file describes (`options`: `restorable_options` from metadata or the
+        caller); DoRA's axis comes from the `dora_scale` shape."""
         scale = tensors.get("dora_scale")
         if scale is None:
-            return cls.adapter_from_tensors(host, tensors, name)
+            return cls.adapter_from_tensors(host, tensors, name, **options)
         on_out = dora_axis(name, host, scale)
         own = {k: v for k, v in tensors.items() if k != "dora_scale"}
-        module = cls.adapter_from_tensors(host, own, name, weight_decompose=True, wd_on_out=on_out)
+        module = cls.adapter_from_tensors(host, own, name, weight_decompose=True, wd_on_out=on_out, **options)
         with torch.no_grad():
             module.dora_scale.copy_(scale.reshape(module.dora_scale.shape))
         return module
@@ -243,8 +256,14 @@ class AdapterModule(nn.Module):
 
     @property
     def merge_dtype(self) -> torch.dtype:
-        """The precision W + m·ΔW is computed in before the one cast (SaRA needs float64)."""
+        """The precision W + m·ΔW is computed in before the one cast."""
         return compute_dtype(self.host.weight.dtype)
+
+    @property
+    def shared_merge_dtype(self) -> torch.dtype:
+        """The precision when other adapters share the same rebuild (SaRA: float64, so that
+        W + Σ mᵢ·ΔWᵢ is rounded once)."""
+        return self.merge_dtype
 
     def factory(self) -> dict[str, Any]:
         """`device`/`dtype` keyword arguments for new parameters."""
@@ -303,9 +322,9 @@ def adapted_parameters(
     """The host's weight and bias with `adapters` applied: W + Σ mᵢ·ΔWᵢ computed in the widest merge
     precision they ask for (fp32; fp64 for fp64 hosts) and cast once. The rebuild forward and
     `merge()` both use this one function, so a merged model computes with the very same bits."""
-    dtype = compute_dtype(host.weight.dtype)
+    dtype = compute_dtype(host.weight.dtype) if len(adapters) > 1 else adapters[0].merge_dtype
     for adapter in adapters:
-        dtype = torch.promote_types(dtype, adapter.merge_dtype)
+        dtype = torch.promote_types(dtype, adapter.merge_dtype if len(adapters) == 1 else adapter.shared_merge_dtype)
     weight = host.weight.to(dtype)
     bias = None if host.bias is None else host.bias.to(dtype)
     for adapter, multiplier in zip(adapters, multipliers):
@@ -337,7 +356,8 @@ class RankedAdapter(AdapterModule):
         self.tucker = bool(use_tucker) and host.kernel_numel > 1
         self.rs_lora = bool(rs_lora)
         self.alpha, self.scale = merge_ratio(alpha, self.rank, self.rs_lora)
-        self.scalar = nn.Parameter(torch.zeros((), **self.factory())) if use_scalar else None
+        # Shape (1,), not 0-d: FSDP's fully_shard cannot shard a 0-d parameter.
+        self.scalar = nn.Parameter(torch.zeros(1, **self.factory())) if use_scalar else None
 
     def with_scalar(self, factor: Tensor) -> Tensor:
         """`factor` times the trained scalar (as files store it), or `factor` itself."""

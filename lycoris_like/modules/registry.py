@@ -40,6 +40,11 @@ def get_algorithm(name: str) -> type[AdapterModule]:
     return cls
 
 
+def algorithm_classes() -> list[type[AdapterModule]]:
+    """Every registered algorithm class, once (aliases excluded)."""
+    return list(_ALGORITHMS.values())
+
+
 def algorithm_names() -> list[str]:
     return sorted(_ALGORITHMS) + sorted(_ALIASES)
 
