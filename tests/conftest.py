@@ -115,6 +115,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ia3": ("ia3", {}),
     "ia3-input": ("ia3", {"train_on_input": True}),
     "full": ("full", {}),
+    "svdiff": ("svdiff", {}),
+    "svdiff-f64": ("svdiff", {"svd_buffers": "float64"}),
+    "svdiff-lean": ("svdiff", {"svd_buffers": "lean"}),
+    "sara": ("sara", {"threshold": 0.02}),
+    "sara-bias": ("sara", {"threshold": 0.02, "train_bias": True}),
 }
 
 
@@ -125,6 +130,17 @@ def make_host(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> t
     model = nn.Sequential(factory()).to(dtype)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     return model, x
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    on a busy two-core machine OpenMP spin-waits make two threads several times slower than one,
+    and MKL's SVD of an 80 × 48 matrix up to 100× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=sorted(HOSTS))
