@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -69,3 +71,26 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], me
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_folder(output: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder in a temporary sibling of `output` (yielded) and rename it into place when
+    the block ends without an error; an existing `output` is replaced only then. On an error the
+    temporary folder is deleted and `output` is untouched."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"folder does not exist: {output.parent}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield tmp
+        if output.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+            os.replace(output, trash / output.name)
+            os.replace(tmp, output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
