@@ -110,7 +110,7 @@ def test_file_round_trip_infers_the_axis_from_the_shape(tmp_path, host_name, on_
 
 
 def test_bad_dora_scale_shape_is_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     model, _ = make_host("linear")
     net = create_network(model, dim=2, weight_decompose=True)

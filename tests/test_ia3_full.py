@@ -9,7 +9,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lycoris_like.modules.full  # noqa: F401  (registers "full"/"diff")

@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lycoris_like import create_network
 from lycoris_like.kernels.lowrank import lowrank_delta
 
-from conftest import HOSTS, make_host, randomize, reference_op
+from conftest import make_host, randomize, reference_op
 
 VARIANTS = {
     "plain": {},
