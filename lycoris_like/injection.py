@@ -38,7 +38,7 @@ class HostDispatch:
             return self.original_forward(x, *args, **kwargs)
         if rebuild:  # a bypass that reads the pure host output cannot share the call with a rebuild
             for adapter in list(bypass):
-                if adapter.bypass_uses_base_out and adapter.can_bypass:
+                if adapter.reads_base_out and adapter.can_bypass:
                     bypass.remove(adapter)
                     rebuild.append(adapter)
         host = self.host

@@ -60,7 +60,33 @@ def test_dora_matches_the_formula_and_is_identity_at_init(host_name, on_out):
     weight = model[0].weight
     expected = naive_dora(weight, lora_delta(adapter), adapter.dora_scale, on_out)
     torch.testing.assert_close(weight + adapter.delta_weight(), expected, rtol=1e-12, atol=1e-12)
-    assert not adapter.can_bypass
+    assert adapter.can_bypass == (on_out and adapter.has_bypass)  # output axis: W′ = s ⊙ (W + ΔW) scales output channels
+
+
+@pytest.mark.parametrize("algo, options", [("lora", {}), ("lora", {"use_scalar": True}), ("lokr", {"factor": 2})])
+def test_output_axis_bypass_equals_the_rebuild_in_value_and_gradient(host_name, algo, options):
+    """DoRA's bypass (s − 1)⊙Wx + s⊙ΔWx, its norm from the factors, against the rebuilt weight:
+    identity at init bit for bit; after training-like values, outputs and every gradient agree."""
+    outs, grads = [], []
+    for mode in ("rebuild", "bypass"):
+        model, x = make_host(host_name, torch.float64)
+        model.requires_grad_(False)
+        base = model(x)
+        net = create_network(model, algo=algo, dim=3, alpha=2, weight_decompose=True, forward_mode=mode, **options)
+        assert torch.equal(model(x), base)  # identity at init, in either mode
+        randomize(net, seed=4)
+        perturb_magnitude(net, seed=5)
+        net.set_multiplier(0.7)
+        adapter = net.adapters["0"]
+        assert adapter.use_bypass(x) == (mode == "bypass" and adapter.has_bypass)
+        x = x.clone().requires_grad_(True)
+        y = model(x)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append([x.grad] + [p.grad for p in net.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
 def test_multiplier_interpolates_from_the_base_to_the_decomposed_weight(host_name):

@@ -189,7 +189,39 @@ class AdapterModule(nn.Module):
 
     @property
     def can_bypass(self) -> bool:
-        return self.has_bypass and self.dora_scale is None
+        """Whether the bypass path applies now. DoRA: on the output axis only (W′ = s ⊙ (W + ΔW)
+        scales output channels) and without training-time dropout, whose masks the norm would
+        otherwise have to share."""
+        if not self.has_bypass:
+            return False
+        if self.dora_scale is None:
+            return True
+        return self.wd_on_out and not (self.training_now and (self.dropout or self.rank_dropout))
+
+    @property
+    def reads_base_out(self) -> bool:
+        """Whether the bypass needs the pure host output (it cannot share a call with a rebuild)."""
+        return self.bypass_uses_base_out or self.dora_scale is not None
+
+    def merged_norm(self) -> Tensor:
+        """‖W + ΔW‖ along the DoRA axis, detached (DoRA §4.3), in float32 or wider. Algorithms
+        with a route that does not build ΔW override it (LoRA)."""
+        with torch.no_grad():
+            weight = self.host.weight
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            return weight_norm(weight.to(dtype) + self.adapter_delta(False).to(dtype), self.wd_on_out)
+
+    def dora_bypass(self, base_out: Tensor, delta_out: Tensor) -> Tensor:
+        """(W′ − W)·x for output-axis DoRA from the host output and ΔW·x: with s = m / ‖W + ΔW‖,
+        W′x = s ⊙ (Wx + ΔWx), so the adapter adds (s − 1) ⊙ Wx + s ⊙ ΔWx (Wx = host output − b)."""
+        norm = self.merged_norm()
+        magnitude = self.dora_scale.to(norm.dtype)
+        scale = torch.where(norm > 0, magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
+        channel = (-1,) if not self.host.is_conv else (-1, *([1] * (base_out.dim() - 2)))
+        s = scale.reshape(channel).to(base_out.dtype)
+        bias = self.host.bias
+        plain = base_out if bias is None else base_out - bias.to(base_out.dtype).reshape(channel)
+        return (s - 1) * plain + s * delta_out
 
     def adapter_output(self, x: Tensor, base_out: Tensor) -> Tensor:
         """The adapter's separate contribution to the output, multiplier included: the bypass, or —
@@ -197,6 +229,8 @@ class AdapterModule(nn.Module):
         output dropout here."""
         if self.can_bypass:
             out = self.bypass(x, base_out)
+            if self.dora_scale is not None:
+                out = self.dora_bypass(base_out, out)
         else:
             delta_bias = self.delta_bias()
             out = self.host.op(x, self.train_delta_weight().to(x.dtype), None if delta_bias is None else delta_bias.to(x.dtype))

@@ -65,6 +65,24 @@ class LoRA(RankedAdapter):
         mask = self.rank_mask(self.rank, self.lora_up.weight) if train else None
         return lowrank_delta(self._up(mask), self.lora_down.weight, mid)
 
+    def merged_norm(self) -> Tensor:
+        """Output-axis ‖W + ΔW‖ without building ΔW = U·D (the flattened factors): per row o,
+        ‖W_o + ΔW_o‖² = ‖W_o‖² + 2·U_o·(W Dᵀ)_o + U_o (D Dᵀ) U_oᵀ — two reads of W, no full-size
+        temporary (the rebuild path needs three full-size passes and their autograd)."""
+        if self.tucker or not self.wd_on_out:
+            return super().merged_norm()
+        with torch.no_grad():
+            weight = self.host.weight
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            w = weight.reshape(weight.shape[0], -1).to(dtype)
+            up = self._up().reshape(w.shape[0], -1).to(dtype)
+            down = self.lora_down.weight.reshape(up.shape[1], -1).to(dtype)
+            base = torch.linalg.vector_norm(w, dim=1)
+            change = 2 * (up * (w @ down.T)).sum(1) + ((up @ (down @ down.T)) * up).sum(1)
+            # ‖W_o‖·√(1 + c/‖W_o‖²): exactly ‖W_o‖ when ΔW = 0, so DoRA is the identity at init.
+            norm = torch.where(base > 0, base * (1 + change / base.square()).clamp_min(0).sqrt(), change.clamp_min(0).sqrt())
+            return norm.reshape(self.dora_scale.shape)
+
     # ------------------------------------------------------------------ bypass
 
     @property
