@@ -6,24 +6,56 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    demo = subparsers.add_parser("demo", help="train, save, reload and merge an adapter on a small UNet (no downloads)")
-    demo.add_argument("--algo", default="lora", help="algorithm to train (default: lora)")
-    demo.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
-    demo.add_argument("--dim", type=int, default=4, help="rank (default: 4)")
-    demo.add_argument("--alpha", type=float, default=2.0, help="alpha (default: 2)")
+    from ..demo import BATCH, DEFAULT_ALGO, DEFAULT_STEPS
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="train, save, reload and merge an adapter on a small UNet (no downloads)",
+        description=(
+            "Fine-tune a small diffusers UNet (built from a config) on images generated in code, for "
+            "noise prediction; save the adapter, reload it into a fresh UNet, merge and unmerge it, and "
+            "check each step. Writes the adapter files and a loss-curve PNG to --out and prints a summary table."
+        ),
+    )
+    demo.add_argument("--algo", default=DEFAULT_ALGO,
+                      help=f"algorithm to train, a comma-separated list, or 'all' for every registered one (default: {DEFAULT_ALGO})")
+    demo.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps per algorithm (default: {DEFAULT_STEPS})")
+    demo.add_argument("--dim", type=int, default=None, help="rank (default: the algorithm's demo setting, 4)")
+    demo.add_argument("--alpha", type=float, default=None, help="alpha (default: the algorithm's demo setting, 2)")
+    demo.add_argument("--lr", type=float, default=None,
+                      help="learning rate for every parameter (default: per algorithm, and the rates SVDiff "
+                           "and SaRA recommend for their parameters)")
+    demo.add_argument("--batch", type=int, default=BATCH, help=f"images per step (default: {BATCH})")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
-    demo.add_argument("--out", default="demo_out", help="folder for the saved adapter (default: demo_out)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (default: 1 — the tensors are small, and on a shared machine "
+                           "more threads can make it several times slower)")
+    demo.add_argument("--out", default="demo_out", help="folder for the adapters and the loss curve (default: demo_out)")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="progress bar on stderr (default: when stderr is a terminal)")
     demo.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
-    from ..demo import run as run_demo
+    from .. import demo
+    from ..plot import plot_losses
+    from ..errors import ConfigError
 
+    algos = demo.parse_algos(args.algo)  # unknown names fail here, before any work
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    result = run_demo(algo=args.algo, steps=args.steps, out_dir=args.out, dim=args.dim, alpha=args.alpha, seed=args.seed)
-    ok = result.unmerge_exact and result.reload_max_diff == 0.0 and result.losses[-1][1] < result.losses[0][1]
+    results = demo.run_many(algos, args.steps, args.out, dim=args.dim, alpha=args.alpha, seed=args.seed,
+                            lr=args.lr, batch=args.batch, progress=args.progress)
+    print()
+    print(demo.summary_table(results))
+    name = algos[0] if len(algos) == 1 else "all"
+    png = plot_losses({r.algo: r.losses for r in results}, Path(args.out) / f"loss_{name}.png")
+    print(f"loss curve: {png}")
+    ok = all(r.ok for r in results)
     print("demo check:", "OK" if ok else "FAILED")
     return 0 if ok else 1
