@@ -169,6 +169,8 @@ CONFIGS: dict[str, Config] = {
     "ours-lokr": ours("lokr", factor=8),
     "ours-ia3": ours("ia3"),
     "ours-dora": ours("lora", weight_decompose=True),
+    "ours-svdiff": ours("svdiff"),
+    "ours-sara": ours("sara", threshold=2e-3),
     "peft-lora": peft("lora"),
     "peft-loha": peft("loha"),
     "peft-lokr": peft("lokr", decompose_factor=8),

@@ -27,7 +27,6 @@ _KINDS: tuple[tuple[type[nn.Module], str], ...] = (
 )
 LINEAR_AND_CONV = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 NORMS = frozenset({"layernorm", "groupnorm"})
-_POINTWISE = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 # Subclasses whose forward is the plain op when no legacy LoRA layer is set on them.
 _PLAIN_SUBCLASSES = {"LoRACompatibleLinear", "LoRACompatibleConv"}
 
@@ -157,9 +156,13 @@ class HostLayer:
 
     def pointwise(self, x: Tensor, weight: Tensor) -> Tensor:
         """A bias-free 1×1 map over channels (Linear for linear hosts)."""
+        matrix = weight.reshape(weight.shape[0], -1)
         if self.kind == "linear":
-            return F.linear(x, weight.reshape(weight.shape[0], -1))
-        return _POINTWISE[self.kind](x, weight)
+            return F.linear(x, matrix)
+        # A matmul over the channel axis, not a 1×1 conv: PyTorch's CPU conv falls back to its slow
+        # unvectorised path for few input channels (a rank-4 `lora_up`).
+        channel = x.dim() - len(self.kernel_size) - 1  # 0 unbatched, 1 batched
+        return torch.matmul(matrix, x.flatten(channel + 1)).unflatten(-1, x.shape[channel + 1:])
 
     def tokens(self, x: Tensor) -> int:
         """How many positions the layer is applied at for input `x` (cost-model input)."""
