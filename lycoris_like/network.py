@@ -182,15 +182,14 @@ class AdapterNetwork(nn.Module):
             bias = None  # only write (and back up) what the adapter changes
         return weight.detach(), None if bias is None else bias.detach()
 
-    def _check_finite(self, plan: list[tuple[AdapterModule, Tensor]]) -> None:
-        bad = []
-        for adapter, m in plan:
-            weight, bias = self._merged_weight(adapter, m)
-            for new, old in ((weight, adapter.host.weight), (bias, adapter.host.bias)):
-                if new is not None and bool((~torch.isfinite(new) & torch.isfinite(old)).any()):
-                    bad.append(next(e.full_path for e in self._entries if e.adapter is adapter))
-        if bad:
-            raise MergeError(f"merging would create NaN/Inf in {format_keys(bad)}; no weight was changed")
+    def _introduces_non_finite(self, adapter: AdapterModule, weight: Tensor, bias: Tensor | None) -> bool:
+        """Whether the merged tensors hold NaN/Inf where the host's did not (the common all-finite
+        case costs one reduction per tensor)."""
+        for new, old in ((weight, adapter.host.weight), (bias, adapter.host.bias)):
+            if new is not None and not bool(torch.isfinite(new).all()):
+                if bool((~torch.isfinite(new) & torch.isfinite(old)).any()):
+                    return True
+        return False
 
     def _require_local(self, what: str) -> None:
         """Sharded (FSDP) parameters must be gathered before whole-tensor work."""
@@ -199,26 +198,49 @@ class AdapterNetwork(nn.Module):
 
     @torch.no_grad()
     def merge(self, multiplier: float | None = None) -> None:
-        """Fold every adapter into its host weights (fp32 compute, one cast). Checks every layer
-        for NaN/Inf before writing any; keeps the originals so `unmerge()` is bit-exact."""
+        """Fold every adapter into its host weights (fp32 compute, one cast) in one pass, keeping
+        the originals so `unmerge()` is bit-exact. A layer whose merge would create NaN/Inf stops
+        the writing; every layer is still checked, those already written are restored from their
+        backups, and `MergeError` names them all: on failure no weight has changed."""
         self._require_local("merge()")
         if self.merged:
             raise MergeError("this network is already merged; unmerge() first")
-        plan = []
+        backups: list[_Backup] = []
+        bad = []
+        try:
+            for adapter in self:
+                m = adapter.multiplier if multiplier is None else torch.full_like(adapter.multiplier, float(multiplier))
+                weight, bias = self._merged_weight(adapter, m)
+                if self._introduces_non_finite(adapter, weight, bias):
+                    bad.append(next(e.full_path for e in self._entries if e.adapter is adapter))
+                if bad:
+                    continue
+                for target, new in ((adapter.host.weight, weight), (adapter.host.bias, bias)):
+                    if new is not None:
+                        backups.append(_Backup(target, target.detach().clone()))
+                        target.copy_(new)
+                        merge_stack(target).append([id(self), target._version])
+                del weight, bias
+            if bad:
+                raise MergeError(f"merging would create NaN/Inf in {format_keys(bad)}; no weight was changed")
+        except BaseException:
+            self._restore(backups)
+            raise
         for adapter in self:
-            m = adapter.multiplier if multiplier is None else torch.full_like(adapter.multiplier, float(multiplier))
-            plan.append((adapter, m))
-        self._check_finite(plan)
-        backups = []
-        for adapter, m in plan:
-            weight, bias = self._merged_weight(adapter, m)
-            for target, new in ((adapter.host.weight, weight), (adapter.host.bias, bias)):
-                if new is not None:
-                    backups.append(_Backup(target, target.detach().clone()))
-                    target.copy_(new)
-                    merge_stack(target).append([id(self), target._version])
             adapter.merged = True
         self._backups = backups
+
+    @staticmethod
+    def _restore(backups: list[_Backup]) -> None:
+        """Write the backed-up originals back, newest first, and pop their merge-stack entries."""
+        for backup in reversed(backups):
+            backup.target.copy_(backup.original)
+            stack = merge_stack(backup.target)
+            stack.pop()
+            if stack:  # the weight is again exactly what the previous merge wrote
+                stack[-1][1] = backup.target._version
+            else:
+                del backup.target.__dict__[MERGE_STACK]
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -232,14 +254,7 @@ class AdapterNetwork(nn.Module):
                 f"{len(changed)} merged weights changed after this merge (another network merged later, "
                 "or the weights were trained); unmerge networks in reverse order of merging"
             )
-        for backup in reversed(self._backups):
-            backup.target.copy_(backup.original)
-            stack = merge_stack(backup.target)
-            stack.pop()
-            if stack:  # the weight is again exactly what the previous merge wrote
-                stack[-1][1] = backup.target._version
-            else:
-                del backup.target.__dict__[MERGE_STACK]
+        self._restore(self._backups)
         for adapter in self:
             adapter.merged = False
         self._backups = None

@@ -48,7 +48,7 @@ def test_recomputed_rebuild_matches_plain_autograd(host_name, variant):
 def test_rebuilt_forward_does_not_keep_a_full_weight_alive():
     """What autograd saves for backward, by size: the plain graph holds W′ per layer, ours only x."""
     unet = make_unet().requires_grad_(False)
-    net = create_network(unet, dim=4, alpha=2, weight_decompose=True)  # DoRA always rebuilds
+    net = create_network(unet, dim=4, alpha=2, weight_decompose=True, forward_mode="rebuild")  # every layer rebuilds
     randomize(net, std=0.05, seed=2)
     shapes = {tuple(a.host.weight.shape) for a in net}
 
