@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                 # every configuration, full-width SD1.5 UNet
     python benchmarks/run.py --quick         # half-width UNet, for iteration
-    python benchmarks/run.py --only base,ours-lora,peft-lora --repeat 2
+    python benchmarks/run.py --only base,ours-lora,peft-lora --rounds 3
 
 Each configuration runs in its own process (so peak RSS is its own) and prints one JSON line;
 the parent collects them into a JSON-lines file and prints a Markdown table with ratios to the
@@ -91,6 +91,20 @@ def run_child(name: str, quick: bool, task: str) -> dict:
     return json.loads(lines[-1])
 
 
+def _median(runs: list[dict]) -> dict:
+    """One configuration's rounds → the median of each measured time, the largest RSS."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    out = dict(ok[-1])
+    for key in ("step_s", "infer_s", "merge_s", "load_s"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in ok)
+    out["max_rss_gb"] = max(r["max_rss_gb"] for r in ok)
+    out["rounds"] = len(ok)
+    return out
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "—"
 
@@ -127,6 +141,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="half-width UNet")
     parser.add_argument("--only", help="comma-separated configuration names (default: all)")
     parser.add_argument("--tasks", default="step", help="comma-separated: step,infer,merge,load (default: step)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the configurations this many times in rotation and report each one's median "
+                             "(evens out a machine whose speed drifts during the run; default: 1)")
     parser.add_argument("--out", help="JSON-lines output file (default: benchmarks/results/<date>[-quick].jsonl)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--task", default="step", help=argparse.SUPPRESS)
@@ -147,14 +164,17 @@ def main() -> None:
     with out.open("w") as f:
         f.write(json.dumps(header) + "\n")
         for task in args.tasks.split(","):
-            for name in names:
-                if task != "step" and name == "base" and task != "infer":
-                    continue
-                result = run_child(name, args.quick, task)
-                results.append(result)
-                f.write(json.dumps(result) + "\n")
-                f.flush()
-                print(json.dumps(result), file=sys.stderr)
+            rounds: dict[str, list[dict]] = {}
+            for round_ in range(args.rounds):
+                for name in names:
+                    if task != "step" and name == "base" and task != "infer":
+                        continue
+                    result = {**run_child(name, args.quick, task), "round": round_}
+                    rounds.setdefault(name, []).append(result)
+                    f.write(json.dumps(result) + "\n")
+                    f.flush()
+                    print(json.dumps(result), file=sys.stderr)
+            results += [_median(runs) for runs in rounds.values()]
     print(f"{header['date']} · {header['machine']} · {header['cpus']} CPUs · {header['command']}\n")
     print(table(results))
 
