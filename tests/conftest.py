@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import pytest
@@ -130,6 +131,20 @@ def make_host(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> t
     model = nn.Sequential(factory()).to(dtype)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     return model, x
+
+
+def search_settings(env_var: str, ci_examples: int):
+    """hypothesis settings for the property and fuzz suites: `ci_examples` derandomized cases (the
+    same every CI run), or, with `env_var` set to a count, that many new random ones (by hand)."""
+    from hypothesis import HealthCheck, settings
+
+    long = int(os.environ.get(env_var, "0"))
+    return settings(
+        max_examples=long or ci_examples,
+        deadline=None,
+        derandomize=not long,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
 
 
 @pytest.fixture

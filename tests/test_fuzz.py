@@ -6,7 +6,7 @@ The property: `load_network` either returns a working network or raises one of o
 that loads must run forward and backward, merge (or refuse with `MergeError`), unmerge exactly and
 remove itself, leaving the model as it was. No other exception may escape.
 
-CI runs a bounded, derandomized number of cases per test (`FUZZ_EXAMPLES` below, a few seconds).
+CI runs a bounded, derandomized number of cases per test (120, set by `FUZZ` below; a few seconds).
 For a long run by hand, set the count, e.g.:
 
     LYCORIS_LIKE_FUZZ_EXAMPLES=20000 python -m pytest tests/test_fuzz.py -q
@@ -17,32 +17,24 @@ which also randomizes the seed (failures are saved in `.hypothesis/` and replaye
 from __future__ import annotations
 
 import json
-import os
 import struct
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save
 
 from lycoris_like import AdapterError, MergeError, load_network
 
+from conftest import search_settings
 from test_hostile_files import ZOO_FILES, Snapshot, zoo, zoo_file, zoo_inputs  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-_LONG = int(os.environ.get("LYCORIS_LIKE_FUZZ_EXAMPLES", "0"))
-FUZZ_EXAMPLES = _LONG or 120
-
-FUZZ = settings(
-    max_examples=FUZZ_EXAMPLES,
-    deadline=None,
-    derandomize=not _LONG,  # CI: the same cases every run; by hand: new ones
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
+FUZZ = search_settings("LYCORIS_LIKE_FUZZ_EXAMPLES", ci_examples=120)
 
 KINDS = sorted(ZOO_FILES)
 _VALID = {kind: save(zoo_file(kind)) for kind in KINDS}

@@ -15,13 +15,12 @@ bias, batched or not), the dtype and the adapter's values, and checks
 Then, per algorithm: a ΔW beyond fp16's range that lands on a finite weight merges, and a merge
 that would create NaN/Inf in one layer refuses before touching any layer.
 
-Example counts are bounded for CI (`PROPERTY_EXAMPLES`); `LYCORIS_LIKE_PROPERTY_EXAMPLES=2000`
+Example counts are bounded for CI (25 per property, `PROPERTY` below); `LYCORIS_LIKE_PROPERTY_EXAMPLES=2000`
 runs a long, randomized search by hand.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,26 +28,18 @@ from typing import Callable
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import assume, given, note
 from hypothesis import strategies as st
 from torch import nn
 
 from lycoris_like import MergeError, create_network, get_algorithm, load_network
 
-from conftest import bits, randomize
+from conftest import bits, randomize, search_settings
 from test_hostile_files import all_variants
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-_LONG = int(os.environ.get("LYCORIS_LIKE_PROPERTY_EXAMPLES", "0"))
-PROPERTY_EXAMPLES = _LONG or 25
-
-PROPERTY = settings(
-    max_examples=PROPERTY_EXAMPLES,
-    deadline=None,
-    derandomize=not _LONG,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
+PROPERTY = search_settings("LYCORIS_LIKE_PROPERTY_EXAMPLES", ci_examples=25)
 
 VARIANTS = all_variants()
 LOW = [torch.float32, torch.bfloat16, torch.float16]
