@@ -48,6 +48,10 @@ class Handle:
     layers: int
     merge: Callable[[], Any] = lambda: None
     save: Callable[[Path], Any] = lambda path: None
+    fold: Callable[[], Any] | None = None  # a merge for good, no backups; the peers' merge is one
+
+    def merge_for_good(self) -> None:
+        (self.fold or self.merge)()
 
     def trainable(self) -> int:
         return sum(p.numel() for p in self.params() if p.requires_grad)
@@ -73,7 +77,7 @@ def ours(algo: str, **options: Any) -> Config:
         from lycoris_like import create_network
 
         net = create_network(unet, algo=algo, dim=4, alpha=2, preset={"module_classes": TARGET_CLASSES}, **options)
-        return Handle(net.parameters, len(net), net.merge, net.save)
+        return Handle(net.parameters, len(net), net.merge, net.save, net.fold)
 
     def load(unet: nn.Module, path: Path) -> None:
         from lycoris_like import load_network

@@ -64,11 +64,11 @@ def child(name: str, quick: bool, task: str) -> dict:
                 unet(sample, timestep, context)
                 times.append(time.perf_counter() - start)
         result["infer_s"] = statistics.median(times[1:])
-    elif task == "merge":
+    elif task in ("merge", "fold"):
         handle.randomize()
         start = time.perf_counter()
-        handle.merge()
-        result["merge_s"] = time.perf_counter() - start
+        handle.merge() if task == "merge" else handle.merge_for_good()
+        result[f"{task}_s"] = time.perf_counter() - start
     elif task == "load":
         handle.randomize()
         with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +97,7 @@ def _median(runs: list[dict]) -> dict:
     if not ok:
         return runs[-1]
     out = dict(ok[-1])
-    for key in ("step_s", "infer_s", "merge_s", "load_s"):
+    for key in ("step_s", "infer_s", "merge_s", "fold_s", "load_s"):
         if key in out:
             out[key] = statistics.median(r[key] for r in ok)
     out["max_rss_gb"] = max(r["max_rss_gb"] for r in ok)
@@ -125,7 +125,7 @@ def table(results: list[dict]) -> str:
             f"| {name} | {r['layers']} | {r['trainable']:,} | {r['step_s']:.2f} | {_ratio(r['step_s'], base.get('step_s'))} "
             f"| {r['max_rss_gb']:.2f} | {rss} | {vs[0]} | {vs[1]} |"
         )
-    for task, key in (("merge", "merge_s"), ("load", "load_s"), ("infer", "infer_s")):
+    for task, key in (("merge", "merge_s"), ("fold", "fold_s"), ("load", "load_s"), ("infer", "infer_s")):
         done = [r for r in results if r.get("task") == task and key in r]
         if done:
             rows += ["", f"| {task} | seconds |", "|---|---|"]
@@ -140,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="half-width UNet")
     parser.add_argument("--only", help="comma-separated configuration names (default: all)")
-    parser.add_argument("--tasks", default="step", help="comma-separated: step,infer,merge,load (default: step)")
+    parser.add_argument("--tasks", default="step", help="comma-separated: step,infer,merge,fold,load (default: step)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the configurations this many times in rotation and report each one's median "
                              "(evens out a machine whose speed drifts during the run; default: 1)")

@@ -77,6 +77,7 @@ class AdapterNetwork(nn.Module):
         self.config: dict[str, Any] = dict(config)
         self.load_report: Any = None
         self._backups: list[_Backup] | None = None
+        self._folded = False
         self._multiplier = 1.0
         for entry in entries:
             name = module_name(self._prefixes[entry.key], self._models[entry.key], entry.path)
@@ -151,11 +152,14 @@ class AdapterNetwork(nn.Module):
 
     def attach(self) -> None:
         """Inject the adapters into their host layers (`create_network` and `load_network` do this)."""
+        self._require_unfolded("attach()")
         for adapter in self:
             attach(adapter)
 
     def remove(self) -> None:
         """Detach every adapter (unmerging first): the hosts are exactly as before."""
+        if self._folded:
+            return
         if self.merged:
             self.unmerge()
         for adapter in self:
@@ -176,20 +180,36 @@ class AdapterNetwork(nn.Module):
 
     # ------------------------------------------------------------------ merge / unmerge / bake
 
-    def _merged_weight(self, adapter: AdapterModule, multiplier: Tensor) -> tuple[Tensor, Tensor | None]:
-        weight, bias = adapted_parameters(adapter.host, [adapter], [multiplier])
+    def _merged_weight(
+        self, adapter: AdapterModule, multiplier: Tensor | None, inplace: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        weight, bias = adapted_parameters(adapter.host, [adapter], [multiplier], inplace=inplace)
         if bias is not None and not adapter.changes_bias:
             bias = None  # only write (and back up) what the adapter changes
         return weight.detach(), None if bias is None else bias.detach()
 
-    def _introduces_non_finite(self, adapter: AdapterModule, weight: Tensor, bias: Tensor | None) -> bool:
-        """Whether the merged tensors hold NaN/Inf where the host's did not (the common all-finite
-        case costs one reduction per tensor)."""
-        for new, old in ((weight, adapter.host.weight), (bias, adapter.host.bias)):
-            if new is not None and not bool(torch.isfinite(new).all()):
+    @staticmethod
+    def _merge_multiplier(adapter: AdapterModule, multiplier: float | None) -> Tensor | None:
+        """The multiplier a merge applies; None when it is exactly 1 (no full-size multiply)."""
+        m = adapter.multiplier if multiplier is None else torch.full_like(adapter.multiplier, float(multiplier))
+        return None if bool((m == 1).all()) else m
+
+    @staticmethod
+    def _any_non_finite(news: Iterable[Tensor | None], olds: Iterable[Tensor | None]) -> bool:
+        """Whether a merged tensor holds NaN/Inf where its original did not. The all-finite case
+        is one read of each (min and max propagate NaN), with no full-size temporary."""
+        for new, old in zip(news, olds):
+            if new is None or not new.numel():
+                continue
+            low, high = torch.aminmax(new)
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
                 if bool((~torch.isfinite(new) & torch.isfinite(old)).any()):
                     return True
         return False
+
+    def _require_unfolded(self, what: str) -> None:
+        if self._folded:
+            raise MergeError(f"{what}: this network was folded into the model's weights; load it again onto a fresh model")
 
     def _require_local(self, what: str) -> None:
         """Sharded (FSDP) parameters must be gathered before whole-tensor work."""
@@ -198,29 +218,32 @@ class AdapterNetwork(nn.Module):
 
     @torch.no_grad()
     def merge(self, multiplier: float | None = None) -> None:
-        """Fold every adapter into its host weights (fp32 compute, one cast) in one pass, keeping
-        the originals so `unmerge()` is bit-exact. A layer whose merge would create NaN/Inf stops
-        the writing; every layer is still checked, those already written are restored from their
-        backups, and `MergeError` names them all: on failure no weight has changed."""
+        """Fold every adapter into its host weights (fp32 compute, one cast), keeping the originals
+        so `unmerge()` is bit-exact. Each layer is backed up, then written in place (the only
+        full-size allocations are the backup and ΔW). A layer whose merge creates NaN/Inf is put
+        back and stops the writing; the remaining layers are still checked, every layer written is
+        restored, and `MergeError` names all the bad ones: on failure no weight has changed."""
         self._require_local("merge()")
+        self._require_unfolded("merge()")
         if self.merged:
             raise MergeError("this network is already merged; unmerge() first")
         backups: list[_Backup] = []
-        bad = []
+        bad: list[str] = []
         try:
-            for adapter in self:
-                m = adapter.multiplier if multiplier is None else torch.full_like(adapter.multiplier, float(multiplier))
-                weight, bias = self._merged_weight(adapter, m)
-                if self._introduces_non_finite(adapter, weight, bias):
-                    bad.append(next(e.full_path for e in self._entries if e.adapter is adapter))
-                if bad:
+            for entry in self._entries:
+                adapter, host = entry.adapter, entry.adapter.host
+                m = self._merge_multiplier(adapter, multiplier)
+                if bad:  # a layer failed: check the rest, write nothing
+                    weight, bias = self._merged_weight(adapter, m)
+                    if self._any_non_finite((weight, bias), (host.weight, host.bias)):
+                        bad.append(entry.full_path)
                     continue
-                for target, new in ((adapter.host.weight, weight), (adapter.host.bias, bias)):
-                    if new is not None:
-                        backups.append(_Backup(target, target.detach().clone()))
-                        target.copy_(new)
-                        merge_stack(target).append([id(self), target._version])
-                del weight, bias
+                written = self._merge_in_place(adapter, m)
+                if self._any_non_finite([b.target for b in written], [b.original for b in written]):
+                    bad.append(entry.full_path)
+                    self._restore(written)
+                else:
+                    backups += written
             if bad:
                 raise MergeError(f"merging would create NaN/Inf in {format_keys(bad)}; no weight was changed")
         except BaseException:
@@ -230,17 +253,71 @@ class AdapterNetwork(nn.Module):
             adapter.merged = True
         self._backups = backups
 
+    def _merge_in_place(self, adapter: AdapterModule, multiplier: Tensor | None) -> list[_Backup]:
+        """Back up the tensors `adapter` changes, write the merged values into them and push their
+        merge-stack entries. Returns the backups (`_restore` undoes it all)."""
+        host = adapter.host
+        targets = [host.weight] + ([host.bias] if host.bias is not None and adapter.changes_bias else [])
+        written = [_Backup(t, t.detach().clone()) for t in targets]
+        try:
+            weight, bias = self._merged_weight(adapter, multiplier, inplace=True)
+            for backup, new in zip(written, (weight, bias)):
+                if new.data_ptr() != backup.target.data_ptr():  # not written in place (a cast, SaRA)
+                    backup.target.copy_(new)
+        except BaseException:
+            for backup in written:
+                self._put_back(backup)
+            raise
+        for backup in written:
+            merge_stack(backup.target).append([id(self), backup.target._version])
+        return written
+
     @staticmethod
-    def _restore(backups: list[_Backup]) -> None:
-        """Write the backed-up originals back, newest first, and pop their merge-stack entries."""
+    def _put_back(backup: _Backup) -> None:
+        """Write an original back; the weight is then again exactly what the merge below it on the
+        merge stack (if any) wrote, so that entry's version is refreshed."""
+        backup.target.copy_(backup.original)
+        stack = backup.target.__dict__.get(MERGE_STACK)
+        if stack:
+            stack[-1][1] = backup.target._version
+
+    @classmethod
+    def _restore(cls, backups: list[_Backup]) -> None:
+        """Pop the backups' merge-stack entries and write the originals back, newest first."""
         for backup in reversed(backups):
-            backup.target.copy_(backup.original)
             stack = merge_stack(backup.target)
             stack.pop()
-            if stack:  # the weight is again exactly what the previous merge wrote
-                stack[-1][1] = backup.target._version
-            else:
+            if not stack:
                 del backup.target.__dict__[MERGE_STACK]
+            cls._put_back(backup)
+
+    @torch.no_grad()
+    def fold(self, multiplier: float | None = None) -> None:
+        """Merge for good and detach the adapters (peft's `merge_and_unload`): W ← W + m·ΔW is
+        written in place with no backups, so it needs no memory beyond one layer's temporaries —
+        `merge()` keeps a copy of every adapted weight for its exact `unmerge()`. All or nothing:
+        every layer is checked for NaN/Inf before the first write (`MergeError`, nothing changed).
+        A merged network is unmerged first. Afterwards the model is a plain model; the network
+        can still be saved, but not attached, merged or baked again."""
+        self._require_local("fold()")
+        self._require_unfolded("fold()")
+        if self.merged:
+            self.unmerge()
+        multipliers = [self._merge_multiplier(e.adapter, multiplier) for e in self._entries]
+        bad = []
+        for entry, m in zip(self._entries, multipliers):
+            host = entry.adapter.host
+            if self._any_non_finite(self._merged_weight(entry.adapter, m), (host.weight, host.bias)):
+                bad.append(entry.full_path)
+        if bad:
+            raise MergeError(f"folding would create NaN/Inf in {format_keys(bad)}; no weight was changed")
+        for entry, m in zip(self._entries, multipliers):
+            host = entry.adapter.host
+            for target, new in zip((host.weight, host.bias), self._merged_weight(entry.adapter, m, inplace=True)):
+                if new is not None and new.data_ptr() != target.data_ptr():
+                    target.copy_(new)
+            detach(entry.adapter)
+        self._folded = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -263,6 +340,7 @@ class AdapterNetwork(nn.Module):
     def bake(self, key: str | None = None) -> dict[str, Tensor]:
         """The state dict of a model with this network merged in, leaving the model unchanged."""
         self._require_local("bake()")
+        self._require_unfolded("bake()")
         if key is None:
             if len(self._models) != 1:
                 raise ConfigError(f"name the model to bake, one of {sorted(self._models)}")

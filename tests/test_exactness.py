@@ -59,6 +59,50 @@ def test_merged_forward_equals_unmerged_rebuild_forward_bit_exactly(host_name, v
     assert torch.equal(bits(merged), bits(unmerged))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fold_writes_the_merged_weights_and_leaves_a_plain_model(host_name, variant, dtype):
+    """fold() (no backups, in place) writes exactly what merge() writes, detaches, and the
+    network then refuses what would apply it twice."""
+    model, x, base, net = adapted(host_name, variant, dtype, multiplier=0.6, forward_mode="rebuild")
+    randomize(net, std=0.5, seed=1)
+    twin, _ = make_host(host_name, dtype)
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        unmerged = model(x)
+        net.merge()
+        merged = {k: bits(v).clone() for k, v in model.state_dict().items()}
+        net.fold()  # unmerges first, then folds in place
+        assert not net.merged
+        assert {k: bits(v) for k, v in model.state_dict().items()}.keys() == merged.keys()
+        assert all(torch.equal(bits(v), merged[k]) for k, v in model.state_dict().items())
+        assert "forward" not in model[0].__dict__  # detached: a plain module again
+        assert torch.equal(bits(model(x)), bits(unmerged))
+    assert not any("_lycoris_like_merges" in p.__dict__ for p in model.parameters())
+    for call in (net.merge, net.fold, net.attach, net.bake):
+        with pytest.raises(MergeError, match="folded"):
+            call()
+    net.remove()  # nothing left to remove
+    assert all(torch.equal(bits(v), merged[k]) for k, v in model.state_dict().items())
+    assert torch.equal(bits(twin(x)), bits(base))
+
+
+def test_fold_refuses_nan_or_inf_before_writing_anything():
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4)).half()
+    net = create_network(model, algo="ia3")
+    randomize(net, std=0.3, seed=1)
+    before = {k: bits(v).clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        net.adapters["1"].weight.fill_(1e30)
+    with pytest.raises(MergeError, match="folding would create NaN/Inf in 1; no weight was changed"):
+        net.fold()
+    assert all(torch.equal(bits(v), before[k]) for k, v in model.state_dict().items())
+    assert len(net.adapters) == 2 and "forward" in model[0].__dict__  # still attached and usable
+    with torch.no_grad():
+        net.adapters["1"].weight.fill_(0.5)
+    net.fold()
+    assert not torch.equal(bits(model[1].weight), before["1.weight"])
+
+
 def test_bypass_matches_merged_within_tolerance(host_name, variant):
     model, x, base, net = adapted(host_name, variant, forward_mode="bypass")
     randomize(net, std=0.5, seed=2)

@@ -156,31 +156,40 @@ class AdapterModule(nn.Module):
         """ΔW as the training forward sees it (rank dropout applied); merges never use this."""
         return self._decompose(self.adapter_delta(self.training_now))
 
-    def scaled_delta(self, multiplier: Tensor, train: bool = False) -> Tensor:
-        """m·ΔW in merge precision: what the rebuild forward and merges add to W. An algorithm whose
+    def scaled_delta(self, multiplier: Tensor | None, train: bool = False) -> Tensor:
+        """m·ΔW in merge precision: what the rebuild forward and merges add to W. `None` means
+        m = 1 exactly: no full-size multiply, the same bits (merges pass it). An algorithm whose
         multiplier is not a plain factor (SVDiff: inside a ReLU) overrides this."""
-        delta = self.train_delta_weight() if train else self.delta_weight()
-        return multiplier.to(self.merge_dtype) * delta.to(self.merge_dtype)
+        delta = (self.train_delta_weight() if train else self.delta_weight()).to(self.merge_dtype)
+        return delta if multiplier is None else multiplier.to(self.merge_dtype) * delta
 
-    def scaled_delta_bias(self, multiplier: Tensor) -> Tensor | None:
-        """m·Δb in merge precision, or None."""
+    def scaled_delta_bias(self, multiplier: Tensor | None) -> Tensor | None:
+        """m·Δb in merge precision, or None (`multiplier` None: m = 1)."""
         delta = self.delta_bias()
-        return None if delta is None else multiplier.to(self.merge_dtype) * delta.to(self.merge_dtype)
+        if delta is None:
+            return None
+        delta = delta.to(self.merge_dtype)
+        return delta if multiplier is None else multiplier.to(self.merge_dtype) * delta
 
-    def update_weight(self, acc: Tensor, multiplier: Tensor, train: bool = False) -> Tensor:
-        """`acc + m·ΔW`, `acc` being the host weight (plus earlier adapters) in merge precision.
-        A sparse algorithm (SaRA) overrides this to touch only its own entries."""
-        return acc + self.scaled_delta(multiplier, train).to(acc.dtype)
+    def update_weight(self, acc: Tensor, multiplier: Tensor | None, train: bool = False, inplace: bool = False) -> Tensor:
+        """`acc + m·ΔW`, `acc` being the host weight (plus earlier adapters) in merge precision;
+        with `inplace`, written into `acc` (merges, which back the weight up first). A sparse
+        algorithm (SaRA) overrides this to touch only its own entries."""
+        delta = self.scaled_delta(multiplier, train).to(acc.dtype)
+        return acc.add_(delta) if inplace else acc + delta
 
     @property
     def changes_bias(self) -> bool:
         """Whether the adapter changes the host's bias (merges write and back up only what changes)."""
         return self.delta_bias() is not None
 
-    def update_bias(self, acc: Tensor, multiplier: Tensor) -> Tensor:
-        """`acc + m·Δb` (unchanged for algorithms without a bias delta)."""
+    def update_bias(self, acc: Tensor, multiplier: Tensor | None, inplace: bool = False) -> Tensor:
+        """`acc + m·Δb` (unchanged for algorithms without a bias delta); `inplace` as in
+        `update_weight`."""
         delta = self.scaled_delta_bias(multiplier)
-        return acc if delta is None else acc + delta.to(acc.dtype)
+        if delta is None:
+            return acc
+        return acc.add_(delta.to(acc.dtype)) if inplace else acc + delta.to(acc.dtype)
 
     def _decompose(self, delta: Tensor) -> Tensor:
         if self.dora_scale is None:
@@ -351,20 +360,26 @@ class AdapterModule(nn.Module):
 
 
 def adapted_parameters(
-    host: HostLayer, adapters: list[AdapterModule], multipliers: list[Tensor], train: bool = False
+    host: HostLayer,
+    adapters: list[AdapterModule],
+    multipliers: list[Tensor | None],
+    train: bool = False,
+    inplace: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """The host's weight and bias with `adapters` applied: W + Σ mᵢ·ΔWᵢ computed in the widest merge
     precision they ask for (fp32; fp64 for fp64 hosts) and cast once. The rebuild forward and
-    `merge()` both use this one function, so a merged model computes with the very same bits."""
+    `merge()` both use this one function, so a merged model computes with the very same bits.
+    A multiplier of `None` is m = 1 exactly. `inplace` (merges, after backing the host up):
+    accumulate into the host's own tensors when they are in merge precision, and return them."""
     dtype = compute_dtype(host.weight.dtype) if len(adapters) > 1 else adapters[0].merge_dtype
     for adapter in adapters:
         dtype = torch.promote_types(dtype, adapter.merge_dtype if len(adapters) == 1 else adapter.shared_merge_dtype)
     weight = host.weight.to(dtype)
     bias = None if host.bias is None else host.bias.to(dtype)
     for adapter, multiplier in zip(adapters, multipliers):
-        weight = adapter.update_weight(weight, multiplier, train)
+        weight = adapter.update_weight(weight, multiplier, train, inplace)
         if bias is not None:
-            bias = adapter.update_bias(bias, multiplier)
+            bias = adapter.update_bias(bias, multiplier, inplace)
     return weight.to(host.weight.dtype), None if bias is None else bias.to(host.bias.dtype)
 
 

@@ -75,6 +75,15 @@ class IA3(AdapterModule):
         _, vec = self._vector(train)
         return self.host.weight.to(vec.dtype) * self._weight_scale(vec)
 
+    def update_weight(self, acc: Tensor, multiplier: Tensor | None, train: bool = False, inplace: bool = False) -> Tensor:
+        """W + W ⊙ m·l as one `addcmul` in merge precision (no full-size ΔW temporary)."""
+        _, vec = self._vector(train and self.training_now)
+        scale = self._weight_scale(vec.to(acc.dtype))
+        if multiplier is not None:
+            scale = scale * multiplier.to(acc.dtype)
+        weight = self.host.weight.to(acc.dtype)
+        return acc.addcmul_(weight, scale) if inplace else torch.addcmul(acc, weight, scale)
+
     def delta_bias(self) -> Tensor | None:
         if self.on_input or self.host.bias is None:
             return None

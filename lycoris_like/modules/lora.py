@@ -65,6 +65,19 @@ class LoRA(RankedAdapter):
         mask = self.rank_mask(self.rank, self.lora_up.weight) if train else None
         return lowrank_delta(self._up(mask), self.lora_down.weight, mid)
 
+    def update_weight(self, acc: Tensor, multiplier: Tensor | None, train: bool = False, inplace: bool = False) -> Tensor:
+        """W + m·γ·up·down as one `addmm` in merge precision: no full-size ΔW, and a merge writes
+        straight into W (Tucker, DoRA and a non-contiguous W take the generic path)."""
+        if self.lora_mid is not None or self.dora_scale is not None or not acc.is_contiguous():
+            return super().update_weight(acc, multiplier, train, inplace)
+        mask = self.rank_mask(self.rank, self.lora_up.weight) if train and self.training_now else None
+        up = self._up(mask).reshape(acc.shape[0], self.rank).to(acc.dtype)
+        if multiplier is not None:
+            up = up * multiplier.to(acc.dtype)
+        down = self.lora_down.weight.reshape(self.rank, -1).to(acc.dtype)
+        flat = acc.view(acc.shape[0], -1)
+        return (flat.addmm_(up, down) if inplace else torch.addmm(flat, up, down)).view(acc.shape)
+
     def merged_norm(self) -> Tensor:
         """Output-axis ‖W + ΔW‖ without building ΔW = U·D (the flattened factors): per row o,
         ‖W_o + ΔW_o‖² = ‖W_o‖² + 2·U_o·(W Dᵀ)_o + U_o (D Dᵀ) U_oᵀ — two reads of W, no full-size

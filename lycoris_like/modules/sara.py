@@ -223,18 +223,22 @@ class SaRA(AdapterModule):
     def delta_bias(self) -> Tensor | None:
         return None if self.sparse_bias is None else self.sparse_bias.delta(self.param_dtype)
 
-    def update_weight(self, acc: Tensor, multiplier: Tensor, train: bool = False) -> Tensor:
-        # rank_dropout: SaRA has no rank, so it drops individual trained entries' updates.
+    def update_weight(self, acc: Tensor, multiplier: Tensor | None, train: bool = False, inplace: bool = False) -> Tensor:
+        # rank_dropout: SaRA has no rank, so it drops individual trained entries' updates. The
+        # scatter is out of place whatever `inplace` says: a merge copies its result over.
         values = self.sparse_weight.values
         keep = self.rank_mask(values.numel(), values) if train else None
-        return self.sparse_weight.apply(acc, multiplier, keep)
+        return self.sparse_weight.apply(acc, self._multiplier(multiplier), keep)
 
     @property
     def changes_bias(self) -> bool:
         return self.sparse_bias is not None
 
-    def update_bias(self, acc: Tensor, multiplier: Tensor) -> Tensor:
-        return acc if self.sparse_bias is None else self.sparse_bias.apply(acc, multiplier)
+    def update_bias(self, acc: Tensor, multiplier: Tensor | None, inplace: bool = False) -> Tensor:
+        return acc if self.sparse_bias is None else self.sparse_bias.apply(acc, self._multiplier(multiplier))
+
+    def _multiplier(self, multiplier: Tensor | None) -> Tensor:
+        return self.multiplier.new_ones(()) if multiplier is None else multiplier
 
     def rebuild_flops(self) -> int:
         return self.nnz + self.host.weight.numel()

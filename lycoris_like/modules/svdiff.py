@@ -161,15 +161,16 @@ class SVDiff(AdapterModule):
             return lean_delta(as_matrix(self.host.weight), self.small, self.S, g, self.tail, self.tall)
         return spectral_delta(self.U, g, self.Vh)
 
-    def scaled_delta(self, multiplier: Tensor, train: bool = False) -> Tensor:
+    def scaled_delta(self, multiplier: Tensor | None, train: bool = False) -> Tensor:
         """ΔW(s) with s inside the ReLU, in merge precision: what rebuilds and merges add to W."""
+        if multiplier is None:
+            multiplier = torch.ones((), dtype=self.param_dtype, device=self.host.weight.device)
         delta = self.spectral_matrix(multiplier, train and self.training_now)
         return delta.reshape(self.host.weight.shape).to(self.merge_dtype)
 
     def adapter_delta(self, train: bool = False) -> Tensor:
         """ΔW at s = 1."""
-        one = torch.ones((), dtype=self.param_dtype, device=self.host.weight.device)
-        return self.scaled_delta(one, train)
+        return self.scaled_delta(None, train)
 
     # ------------------------------------------------------------------ bypass
 
