@@ -65,15 +65,12 @@ def test_fold_writes_the_merged_weights_and_leaves_a_plain_model(host_name, vari
     network then refuses what would apply it twice."""
     model, x, base, net = adapted(host_name, variant, dtype, multiplier=0.6, forward_mode="rebuild")
     randomize(net, std=0.5, seed=1)
-    twin, _ = make_host(host_name, dtype)
-    twin.load_state_dict(model.state_dict())
     with torch.no_grad():
         unmerged = model(x)
         net.merge()
         merged = {k: bits(v).clone() for k, v in model.state_dict().items()}
         net.fold()  # unmerges first, then folds in place
         assert not net.merged
-        assert {k: bits(v) for k, v in model.state_dict().items()}.keys() == merged.keys()
         assert all(torch.equal(bits(v), merged[k]) for k, v in model.state_dict().items())
         assert "forward" not in model[0].__dict__  # detached: a plain module again
         assert torch.equal(bits(model(x)), bits(unmerged))
@@ -83,7 +80,6 @@ def test_fold_writes_the_merged_weights_and_leaves_a_plain_model(host_name, vari
             call()
     net.remove()  # nothing left to remove
     assert all(torch.equal(bits(v), merged[k]) for k, v in model.state_dict().items())
-    assert torch.equal(bits(twin(x)), bits(base))
 
 
 def test_fold_refuses_nan_or_inf_before_writing_anything():
