@@ -8,6 +8,7 @@ the layer being adapted.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,9 @@ LINEAR_AND_CONV = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 NORMS = frozenset({"layernorm", "groupnorm"})
 # Subclasses whose forward is the plain op when no legacy LoRA layer is set on them.
 _PLAIN_SUBCLASSES = {"LoRACompatibleLinear", "LoRACompatibleConv"}
+# Entries per block of a blockwise weight gradient: 16 MB of float32, below glibc's largest mmap
+# threshold (32 MB), so successive blocks reuse heap memory instead of faulting in fresh pages.
+_GRAD_BLOCK = 1 << 22
 
 
 def host_kind(module: nn.Module) -> str | None:
@@ -135,24 +139,60 @@ class HostLayer:
             grad_w = g2.T @ x.reshape(-1, x.shape[-1]) if need_w else None
             grad_b = g2.sum(0) if need_b else None
             return grad_x, grad_w, grad_b
-        m, dims = self.module, len(self.kernel_size)
-        unbatched = x.dim() == dims + 1
-        if unbatched:
-            x, grad_y = x.unsqueeze(0), grad_y.unsqueeze(0)
-        padded = m.padding_mode != "zeros"
-        x_in = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode) if padded else x
-        padding = (0,) * dims if padded else m.padding
+        m = self.module
+        x_in, grad_y, padding, unbatched = self._conv_operands(x, grad_y)
         grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_y, x_in, weight, [weight.shape[0]] if need_b else None, m.stride, padding, m.dilation,
-            False, (0,) * dims, m.groups, [need_x, need_w, need_b],
+            False, (0,) * len(padding), m.groups, [need_x, need_w, need_b],
         )
-        if need_x and padded:  # the adjoint of the padding (reflect/replicate/circular)
-            x_req = x.detach().requires_grad_(True)
+        if need_x and m.padding_mode != "zeros":  # the adjoint of the padding (reflect/replicate/circular)
+            x_req = (x.unsqueeze(0) if unbatched else x).detach().requires_grad_(True)
             with torch.enable_grad():
                 (grad_in,) = torch.autograd.grad(F.pad(x_req, m._reversed_padding_repeated_twice, mode=m.padding_mode), x_req, grad_in)
         if unbatched and grad_in is not None:
             grad_in = grad_in.squeeze(0)
         return grad_in, grad_w, grad_b
+
+    def _conv_operands(self, x: Tensor, grad_y: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...], bool]:
+        """(x padded by `padding_mode` and batched, grad_y batched, the padding left for the
+        convolution, whether the input was unbatched)."""
+        m, dims = self.module, len(self.kernel_size)
+        unbatched = x.dim() == dims + 1
+        if unbatched:
+            x, grad_y = x.unsqueeze(0), grad_y.unsqueeze(0)
+        if m.padding_mode != "zeros":
+            return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), grad_y, (0,) * dims, unbatched
+        return x, grad_y, tuple(m.padding), unbatched
+
+    def weight_grad_at(self, x: Tensor, grad_y: Tensor, index: Tensor) -> Tensor:
+        """∇W of `op` at the flat C-order indices `index` (int64, increasing), computed over blocks
+        of output rows: no dense ∇W of a large layer is formed at once (its fresh memory costs
+        more than the arithmetic) — the sparse weight gradient SaRA trains with."""
+        rows_of = self._weight_grad_rows(x, grad_y)
+        rows, row = self.out_features, self.weight[0].numel()
+        block = rows if self.groups > 1 else max(1, _GRAD_BLOCK // max(row, 1))
+        if block >= rows:
+            return rows_of(0, rows).reshape(-1).index_select(0, index)
+        starts = torch.arange(0, rows + block, block, device=index.device).clamp_(max=rows)
+        bounds = torch.searchsorted(index, starts * row).tolist()
+        out = grad_y.new_empty(index.shape)
+        for k, (start, stop) in enumerate(zip(starts.tolist(), starts[1:].tolist())):
+            lo, hi = bounds[k], bounds[k + 1]
+            if lo < hi:
+                torch.index_select(rows_of(start, stop).reshape(-1), 0, index[lo:hi] - start * row, out=out[lo:hi])
+        return out
+
+    def _weight_grad_rows(self, x: Tensor, grad_y: Tensor) -> Callable[[int, int], Tensor]:
+        """(start, stop) → ∇W[start:stop] over output rows (grouped convolutions: all rows only)."""
+        if self.kind == "linear":
+            g2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
+            return lambda start, stop: g2[:, start:stop].T @ x2
+        m, weight = self.module, self.weight.detach()
+        x_in, grad_y, padding, _ = self._conv_operands(x, grad_y)
+        return lambda start, stop: torch.ops.aten.convolution_backward(
+            grad_y[:, start:stop], x_in, weight[start:stop], None, m.stride, padding, m.dilation,
+            False, (0,) * len(padding), m.groups, [False, True, False],
+        )[1]
 
     def pointwise(self, x: Tensor, weight: Tensor) -> Tensor:
         """A bias-free 1×1 map over channels (Linear for linear hosts)."""

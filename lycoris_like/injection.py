@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .hosts import HostLayer
+from .kernels.patch import patched_op
 from .kernels.rebuild import rebuilt_op
 from .modules.base import AdapterModule, adapted_parameters
 
@@ -42,7 +43,10 @@ class HostDispatch:
                     bypass.remove(adapter)
                     rebuild.append(adapter)
         host = self.host
-        if rebuild:
+        patched = self._patched_out(x, rebuild) if len(rebuild) == 1 else None
+        if patched is not None:
+            base_out = patched
+        elif rebuild:
             multipliers = [adapter.multiplier for adapter in rebuild]
             params = self._recompute_params(x, rebuild)
             if params:
@@ -59,6 +63,26 @@ class HostDispatch:
             out = out + adapter.adapter_output(x, base_out).to(out.dtype)
         return out
 
+    def _patched_out(self, x: Tensor, rebuild: list[AdapterModule]) -> Tensor | None:
+        """The host op with one adapter's few changed entries written into the host in place for
+        the call (`kernels.patch`, SaRA), or None where that does not apply: the adapter has no
+        entry patches, the host trains or is not contiguous, or — with autograd recording —
+        the host has no `op_grads`, autocast is on, or torch.compile traces."""
+        host, adapter = self.host, rebuild[0]
+        tensors = (host.weight, host.bias)
+        for t in tensors:
+            if t is not None and (t.requires_grad or not t.is_contiguous()):
+                return None
+        if torch.compiler.is_compiling():
+            return None
+        grad = torch.is_grad_enabled()
+        if grad and (not host.has_op_grads or torch.is_autocast_enabled(x.device.type)):
+            return None
+        patches = adapter.entry_patches(adapter.multiplier, train=True)
+        if patches is None:
+            return None
+        params = [p for p in adapter.parameters() if p.requires_grad] if grad else []
+        return patched_op(x, tensors, patches, host.op, host.op_grads, host.weight_grad_at, params)
 
     def _recompute_params(self, x: Tensor, rebuild: list[AdapterModule]) -> list[Tensor]:
         """The trainable tensors a rebuilt weight depends on, when the forward should use

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 Build = Callable[[], tuple[Tensor, Tensor | None]]
+Op = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 OpGrads = Callable[[Tensor, Tensor, Tensor, tuple[bool, bool, bool]], tuple[Tensor | None, Tensor | None, Tensor | None]]
 
 
@@ -21,7 +22,7 @@ class RebuiltOp(torch.autograd.Function):
     """Inputs: x, build (→ W′, b′), op (x, W′, b′ → y), op_grads (x, W′, grad_y, needs → gx, gW, gb), *params."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, build: Build, op: Callable, op_grads: OpGrads, *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, build: Build, op: Op, op_grads: OpGrads, *params: Tensor) -> Tensor:  # type: ignore[override]
         ctx.build, ctx.op_grads = build, op_grads
         ctx.rng = torch.random.get_rng_state()  # rank dropout must draw the same mask again
         with torch.no_grad():
@@ -57,6 +58,6 @@ class RebuiltOp(torch.autograd.Function):
         return (grad_x, None, None, None, *[by_id.get(id(p)) for p in params])
 
 
-def rebuilt_op(x: Tensor, build: Build, op: Callable, op_grads: OpGrads, params: Sequence[Tensor]) -> Tensor:
+def rebuilt_op(x: Tensor, build: Build, op: Op, op_grads: OpGrads, params: Sequence[Tensor]) -> Tensor:
     """`op(x, *build())` whose backward rebuilds the weight from `params` instead of saving it."""
     return RebuiltOp.apply(x, build, op, op_grads, *params)

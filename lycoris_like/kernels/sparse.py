@@ -68,13 +68,35 @@ def sparse_update(acc: Tensor, index: Tensor, values: Tensor, base: Tensor, mult
     Adapters applied earlier to `acc` are carried over (Σ mᵢ·ΔPᵢ). Differentiable in `values`
     (∇v = m·∇acc'[M]) and in `acc`.
     """
-    wide = torch.float64
     flat = acc.reshape(-1)
     index = index.to(torch.int64)  # scatter wants int64: a transient copy, 3× faster than index_put
+    new = updated_entries(flat.index_select(0, index), values, base, multiplier)
+    return flat.scatter(0, index, new).reshape(acc.shape)
+
+
+def updated_entries(current: Tensor, values: Tensor, base: Tensor, multiplier: Tensor) -> Tensor:
+    """The selected entries of `sparse_update`: P₀[M] + m·(v − P₀[M]) + (current − P₀[M]) in
+    float64, rounded once to current's dtype (differentiable in `values` and `current`).
+
+    At m = 1 on an unchanged base (current = P₀[M], the usual training step) that is v itself —
+    lerp(P₀, v, 1) returns its end point and the correction is zero — so v is returned without the
+    float64 round trip (the same bits for finite values; for non-finite ones both are non-finite).
+    """
+    if _is_one(multiplier) and not current.requires_grad:  # v alone would cut ∂/∂current
+        same = torch.promote_types(current.dtype, base.dtype)
+        if torch.equal(current.to(same), base.to(same)):
+            return values.to(current.dtype)
+    wide = torch.float64
     base = base.to(wide)
     own = torch.lerp(base, values.to(wide), multiplier.to(wide))
-    new = own + (flat.index_select(0, index).to(wide) - base)
-    return flat.scatter(0, index, new.to(acc.dtype)).reshape(acc.shape)
+    return (own + (current.to(wide) - base)).to(current.dtype)
+
+
+def _is_one(multiplier: Tensor) -> bool:
+    """Whether m is one constant exactly 1 (never while torch.compile traces: no data-dependent
+    branch; a per-entry multiplier — rank dropout's keep-mask — takes the formula)."""
+    return (not torch.compiler.is_compiling() and multiplier.dim() == 0 and not multiplier.requires_grad
+            and bool(multiplier == 1))
 
 
 def scatter(numel: int, index: Tensor, values: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, IncompatibleFileError, ShapeMismatchError, UnsupportedLayerError
 from ..hosts import LINEAR_AND_CONV, HostLayer, compute_dtype
 from ..kernels.dora import dora_delta, weight_norm
+from ..kernels.patch import EntryPatch
 
 FORWARD_MODES = ("auto", "rebuild", "bypass")
 MERGE_STACK = "_lycoris_like_merges"
@@ -177,6 +178,12 @@ class AdapterModule(nn.Module):
         algorithm (SaRA) overrides this to touch only its own entries."""
         delta = self.scaled_delta(multiplier, train).to(acc.dtype)
         return acc.add_(delta) if inplace else acc + delta
+
+    def entry_patches(self, multiplier: Tensor | None, train: bool = False) -> list[EntryPatch] | None:
+        """W + m·ΔW (and b + m·Δb) as a few changed entries of the host's own tensors, when the
+        adapter changes only a few (SaRA): the forward then writes them into the host in place
+        for the call (`kernels.patch`) instead of copying the weight. None: rebuild or bypass."""
+        return None
 
     @property
     def changes_bias(self) -> bool:

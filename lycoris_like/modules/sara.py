@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, IncompatibleFileError
 from ..hosts import LINEAR_AND_CONV, NORMS, HostLayer
 from ..kernels import sparse
+from ..kernels.patch import EntryPatch
 from .base import AdapterModule, float32_exact, require_keys
 from .registry import register_algorithm
 
@@ -80,6 +81,15 @@ class SparseEntries(nn.Module):
         out = sparse.sparse_update(acc, self.index, self.values, self.base, trained)
         if self.frozen_index.numel():
             out = sparse.sparse_update(out, self.frozen_index, self.frozen_values, self.frozen_base, multiplier)
+        return out
+
+    def patches(self, slot: int, multiplier: Tensor) -> list[EntryPatch]:
+        """This part's update as entry patches of the host tensor in `slot` (`kernels.patch`):
+        the entries of `apply`, computed by the same formula."""
+        out: list[EntryPatch] = [(slot, self.index, lambda old: sparse.updated_entries(old, self.values, self.base, multiplier))]
+        if self.frozen_index.numel():
+            out.append((slot, self.frozen_index,
+                        lambda old: sparse.updated_entries(old, self.frozen_values, self.frozen_base, multiplier)))
         return out
 
     def delta(self, dtype: torch.dtype) -> Tensor:
@@ -229,6 +239,15 @@ class SaRA(AdapterModule):
         values = self.sparse_weight.values
         keep = self.rank_mask(values.numel(), values) if train else None
         return self.sparse_weight.apply(acc, self._multiplier(multiplier), keep)
+
+    def entry_patches(self, multiplier: Tensor | None, train: bool = False) -> list[EntryPatch] | None:
+        # Rank dropout draws a keep-mask per call, which backward would have to draw again: that
+        # case rebuilds instead (kernels.rebuild replays the random state).
+        if train and self.rank_dropout and self.training_now:
+            return None
+        m = self._multiplier(multiplier)
+        return [patch for slot, part in enumerate((self.sparse_weight, self.sparse_bias)) if part is not None
+                for patch in part.patches(slot, m)]
 
     @property
     def changes_bias(self) -> bool:
