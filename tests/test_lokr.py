@@ -316,6 +316,36 @@ def test_kernels_against_torch_kron():
     y = kron_conv_bypass(x, w1, lambda h: F.conv2d(h, w2, stride=2, padding=1), 2)
     ref = F.conv2d(x, torch.kron(w1.reshape(4, 3, 1, 1), w2), stride=2, padding=1)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    # low-rank W2 = w2_a·w2_b split around W1's mixing: down (w2_b) first, up (w2_a) last
+    w2_a, w2_b = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64)
+    w2 = torch.einsum("br,rdhw->bdhw", w2_a, w2_b)
+    up = w2_a.reshape(5, 2, 1, 1)
+    y = kron_conv_bypass(x, w1, lambda h: F.conv2d(h, w2_b, stride=2, padding=1), 2, lambda h: F.conv2d(h, up))
+    ref = F.conv2d(x, torch.kron(w1.reshape(4, 3, 1, 1), w2), stride=2, padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    y = kron_conv_bypass(x[0], w1, lambda h: F.conv2d(h, w2_b, stride=2, padding=1), 2, lambda h: F.conv2d(h, up))
+    torch.testing.assert_close(y, ref[0], rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, 7, 18, generator=g, dtype=torch.float64)
+    w2_b = w2_b[..., 0, 0]
+    y = kron_linear_bypass(x, w1, lambda h: h @ w2_b.T, lambda h: h @ w2_a.T)
+    torch.testing.assert_close(y, x @ torch.kron(w1, w2_a @ w2_b).T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("host", ["linear", "conv2d-k3", "conv2d-k1", "conv1d-k3"])
+@pytest.mark.parametrize("variant", ["factor2", "tucker"])
+def test_low_rank_bypass_keeps_no_output_sized_activation(host, variant):
+    """With a low-rank W2, W1 mixes the rank-r intermediates before w2_a: what autograd saves for
+    backward is rank-sized (and the input), never as large as the layer's output."""
+    model, x, net, adapter = make_ours(host, variant)
+    assert adapter.lokr_w2 is None
+    net.set_forward_mode("bypass")
+    model.requires_grad_(False)
+    out_numel = model(x).numel()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = model(x)
+    y.sum().backward()
+    assert saved and max(saved) < out_numel, (max(saved), out_numel)
 
 
 def test_rank_dropout_drops_whole_output_rows_in_both_paths():

@@ -55,25 +55,34 @@ def kron_delta(w1: Tensor, w2: Tensor) -> Tensor:
     return prod.reshape(a * b, c * d, *kernel)
 
 
-def kron_linear_bypass(x: Tensor, w1: Tensor, right: Callable[[Tensor], Tensor]) -> Tensor:
+def kron_linear_bypass(
+    x: Tensor, w1: Tensor, down: Callable[[Tensor], Tensor], up: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """ΔW·x for a Linear host without ΔW: X = unvec(x) (…, c, d); Y = W1 · (X · W2ᵀ) → (…, a·b).
 
-    `right(X)` applies W2 on the last axis ((…, c, d) → (…, c, b)), e.g. `X @ w2.T` or a
-    low-rank chain.
+    W2 acts on the last axis: `down` maps (…, c, d) → (…, c, r), then W1 mixes the c groups, then
+    `up` (if any) maps (…, a, r) → (…, a, b). With a low-rank W2 = w2_a·w2_b (`down` = · w2_bᵀ,
+    `up` = · w2_aᵀ) every intermediate autograd keeps is rank-sized, never output-sized.
     """
     a, c = w1.shape
     grouped = x.reshape(*x.shape[:-1], c, x.shape[-1] // c)
-    h = right(grouped)  # (…, c, b)
-    y = torch.matmul(w1, h)  # (a, c) @ (…, c, b) → (…, a, b)
+    y = torch.matmul(w1, down(grouped))  # (a, c) @ (…, c, r) → (…, a, r)
+    if up is not None:
+        y = up(y)
     return y.reshape(*y.shape[:-2], -1)
 
 
-def kron_conv_bypass(x: Tensor, w1: Tensor, inner: Callable[[Tensor], Tensor], spatial_dims: int) -> Tensor:
+def kron_conv_bypass(
+    x: Tensor, w1: Tensor, inner: Callable[[Tensor], Tensor], spatial_dims: int,
+    outer: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """ΔW ⋆ x for a (groups = 1) convolution without ΔW.
 
-    The c input groups of d channels are folded into the batch, `inner` runs W2 (b, d, k…) on them
-    in the host's own conv geometry ((N·c, d, S…) → (N·c, b, S′…)), and W1 mixes the groups:
-    Y[n, i·b + p] = Σⱼ W1[i, j] · (W2 ⋆ x[n, j·d:(j+1)·d])[p].
+    The c input groups of d channels are folded into the batch, `inner` runs W2's convolution on
+    them in the host's own conv geometry ((N·c, d, S…) → (N·c, r, S′…)), W1 mixes the groups, and
+    `outer` (if any: a low-rank W2's pointwise w2_a) maps the r channels to b on the a groups:
+    Y[n, i·b + p] = Σⱼ W1[i, j] · (W2 ⋆ x[n, j·d:(j+1)·d])[p]. Mixing before `outer` keeps every
+    intermediate autograd saves rank-sized.
     """
     unbatched = x.dim() == spatial_dims + 1
     if unbatched:
@@ -81,7 +90,10 @@ def kron_conv_bypass(x: Tensor, w1: Tensor, inner: Callable[[Tensor], Tensor], s
     a, c = w1.shape
     n, channels, *size = x.shape
     h = inner(x.reshape(n * c, channels // c, *size))
-    h = h.reshape(n, c, *h.shape[1:])  # (N, c, b, S′…)
-    y = torch.einsum("ij,nj...->ni...", w1, h)  # (N, a, b, S′…)
+    h = h.reshape(n, c, *h.shape[1:])  # (N, c, r, S′…)
+    y = torch.einsum("ij,nj...->ni...", w1, h)  # (N, a, r, S′…)
+    if outer is not None:
+        y = outer(y.reshape(n * a, *y.shape[2:]))
+        y = y.reshape(n, a, *y.shape[1:])
     y = y.reshape(n, -1, *y.shape[3:])
     return y.squeeze(0) if unbatched else y

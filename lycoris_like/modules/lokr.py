@@ -202,31 +202,29 @@ class LoKr(RankedAdapter):
                 y = kron_linear_bypass(x, w1, lambda h: h @ w2.T)
             else:
                 w2_a, w2_b = self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype)
-                y = kron_linear_bypass(x, w1, lambda h: (h @ w2_b.T) @ w2_a.T)
+                y = kron_linear_bypass(x, w1, lambda h: h @ w2_b.T, lambda h: h @ w2_a.T)
         else:
             ones = host.ones
+            outer = None
             if self.lokr_w2 is not None:
                 w2 = self.lokr_w2.to(x.dtype)
 
                 def inner(h: Tensor) -> Tensor:
                     return host.op(h, w2, None)
-            elif self.lokr_t2 is not None:
-                r = layout.w2_rank
-                core = self.lokr_t2.to(x.dtype)
-                w2_b = self.lokr_w2_b.to(x.dtype).reshape(r, layout.d, *ones)
-                w2_a = self.lokr_w2_a.to(x.dtype).T.reshape(layout.b, r, *ones)
-
-                def inner(h: Tensor) -> Tensor:
-                    return host.pointwise(host.op(host.pointwise(h, w2_b), core, None), w2_a)
             else:
                 r = layout.w2_rank
-                w2_b = self.lokr_w2_b.to(x.dtype).reshape(r, layout.d, *layout.kernel)
-                w2_a = self.lokr_w2_a.to(x.dtype).reshape(layout.b, r, *ones)
+                tucker = self.lokr_t2 is not None
+                core = self.lokr_t2.to(x.dtype) if tucker else None
+                w2_b = self.lokr_w2_b.to(x.dtype).reshape(r, layout.d, *(ones if tucker else layout.kernel))
+                w2_a = (self.lokr_w2_a.T if tucker else self.lokr_w2_a).to(x.dtype).reshape(layout.b, r, *ones)
 
                 def inner(h: Tensor) -> Tensor:
-                    return host.pointwise(host.op(h, w2_b, None), w2_a)
+                    return host.op(host.pointwise(h, w2_b), core, None) if tucker else host.op(h, w2_b, None)
 
-            y = kron_conv_bypass(x, w1, inner, len(layout.kernel))
+                def outer(h: Tensor) -> Tensor:
+                    return host.pointwise(h, w2_a)
+
+            y = kron_conv_bypass(x, w1, inner, len(layout.kernel), outer)
         mask = self.rank_mask(host.out_features, y)
         if mask is not None:
             y = y * (mask if not host.is_conv else mask.view(-1, *host.ones))
@@ -236,16 +234,6 @@ class LoKr(RankedAdapter):
         layout = self.layout
         return 0 if layout.w1_rank is None else layout.a * layout.c * layout.w1_rank
 
-    def _w2_flops_per_group(self) -> int:
-        """Multiply-adds of W2 on one group of d channels at one output position."""
-        layout = self.layout
-        b, d, k, r = layout.b, layout.d, layout.kernel_numel, layout.w2_rank
-        if r is None:
-            return b * d * k
-        if layout.tucker:
-            return r * d + r * r * k + b * r
-        return r * d * k + b * r
-
     def rebuild_flops(self) -> int:
         layout = self.layout
         b, d, k, r = layout.b, layout.d, layout.kernel_numel, layout.w2_rank
@@ -253,8 +241,15 @@ class LoKr(RankedAdapter):
         return self._w1_flops() + w2 + self.host.weight.numel()
 
     def bypass_flops(self, tokens: int) -> int:
+        """Per output position: W2's down part on each of the c groups, W1's mixing, then (low
+        rank) w2_a on each of the a groups."""
         layout = self.layout
-        per_token = layout.c * self._w2_flops_per_group() + layout.a * layout.c * layout.b
+        a, b, c, d, k, r = layout.a, layout.b, layout.c, layout.d, layout.kernel_numel, layout.w2_rank
+        if r is None:
+            per_token = c * b * d * k + a * c * b
+        else:
+            down = r * d + r * r * k if layout.tucker else r * d * k
+            per_token = c * down + a * c * r + a * b * r
         return tokens * per_token + self._w1_flops()
 
     # ------------------------------------------------------------------ files
