@@ -58,8 +58,16 @@ class HostDispatch:
                 base_out = host.op(x, weight, bias)
         else:
             base_out = host.op(x, host.weight, host.bias)
-        out = base_out
+        scale = None  # per-channel rescales ((IA)³): base_out ⊙ (1 + Σ mᵢ·sᵢ) in one multiply
+        added: list[AdapterModule] = []
         for adapter in bypass:
+            s = adapter.output_scale(base_out)
+            if s is None:
+                added.append(adapter)
+            else:
+                scale = s if scale is None else scale + s
+        out = base_out if scale is None else base_out * (1 + scale).to(base_out.dtype)
+        for adapter in added:
             out = out + adapter.adapter_output(x, base_out).to(out.dtype)
         return out
 

@@ -565,3 +565,54 @@ def test_our_full_file_loads_in_lycoris(tmp_path, lycoris, host):
             theirs.load_state_dict(weights, False)
             doubled = reference_op(model[0], x, model[0].weight + 2 * net.adapters["0"].diff, model[0].bias + 2 * net.adapters["0"].diff_b)
             torch.testing.assert_close(theirs_model(x), doubled, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- (IA)³: the one-multiply output scale
+
+
+def test_ia3_output_scale_is_one_multiply_stacks_and_mixes_with_additive_adapters():
+    """Output-side (IA)³ in bypass is base_out ⊙ (1 + Σ mᵢ·lᵢ): two stacked networks, and a LoRA
+    beside them (added on top), against the formula; at init the output is the host's, bit-exact."""
+    model, x = make_host("conv2d-k3", torch.float64)
+    conv = model[0]
+    first = create_network(model, algo="ia3", forward_mode="bypass")
+    assert torch.equal(bits(model(x)), bits(reference_op(conv, x, conv.weight, conv.bias)))  # l = 0: exact
+    second = create_network(model, algo="ia3", stack=True, forward_mode="bypass", multiplier=0.5)
+    lora = create_network(model, algo="lora", dim=2, stack=True, forward_mode="bypass")
+    for seed, net in enumerate((first, second, lora)):
+        randomize(net, std=0.3, seed=seed)
+    l1, l2 = (net.adapters["0"].weight.detach().reshape(1, -1, 1, 1) for net in (first, second))
+    base = reference_op(conv, x, conv.weight, conv.bias)
+    lora_out = reference_op(conv, x, lora.adapters["0"].delta_weight(), None)
+    torch.testing.assert_close(model(x), base * (1 + l1 + 0.5 * l2) + lora_out, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ia3_output_scale_only_in_full_precision_and_without_dropout(dtype):
+    """Half precision would round 1 + l to 8–11 bits: there (and with dropout or rank dropout while
+    training) the scale is added as base_out ⊙ l·m instead — both against the formula."""
+    model, x, net, adapter = ia3_net("linear", False, dtype=dtype, forward_mode="bypass", multiplier=0.7)
+    base = reference_op(model[0], x, model[0].weight, model[0].bias)
+    assert (adapter.output_scale(base) is None) == (dtype != torch.float32)
+    vec = adapter.weight.detach().reshape(-1)
+    expected = base.double() * (1 + 0.7 * vec.double())
+    tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(model(x).double(), expected, rtol=tol, atol=tol)
+    for option in ({"dropout": 0.5}, {"rank_dropout": 0.5}):
+        _, _, net2, adapter2 = ia3_net("linear", False, dtype=torch.float32, **option)
+        net2.eval()
+        assert adapter2.output_scale(base.float()) is not None  # eval: the multiply
+        net2.train()
+        assert adapter2.output_scale(base.float()) is None  # training with dropout: added
+
+
+def test_ia3_bypass_saves_one_output_sized_tensor():
+    """What autograd keeps per layer: the host output (for l's gradient), nothing else output-sized."""
+    model, x, net, adapter = ia3_net("conv2d-k3", False, dtype=torch.float32)
+    model.requires_grad_(False)
+    out_numel = model(x).numel()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = model(x)
+    y.sum().backward()
+    assert sum(1 for n in saved if n >= out_numel) == 1

@@ -118,6 +118,12 @@ class AdapterModule(nn.Module):
         """`op(x, ΔW, Δb)` without building ΔW (multiplier excluded); `base_out` is `op(x, W, b)`."""
         raise NotImplementedError
 
+    def output_scale(self, base_out: Tensor) -> Tensor | None:
+        """For an adapter whose contribution is base_out ⊙ s (a per-channel rescale: (IA)³ on the
+        output side): m·s shaped for the output's channel axis, so the dispatcher applies every
+        such adapter with one multiply, base_out ⊙ (1 + Σ mᵢ·sᵢ). None: use `adapter_output`."""
+        return None
+
     def rebuild_flops(self) -> int:
         """Cost of building ΔW once (cost-model input)."""
         return self.host.weight.numel()
