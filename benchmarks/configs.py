@@ -175,6 +175,8 @@ CONFIGS: dict[str, Config] = {
     "ours-dora": ours("lora", weight_decompose=True),
     "ours-svdiff": ours("svdiff"),
     "ours-sara": ours("sara", threshold=2e-3),
+    # θ selecting ≈ 50 M entries of this random-weight UNet: what θ = 2e-3 selects on a trained SD1.5
+    "ours-sara-50m": ours("sara", threshold=6.6e-4),
     "peft-lora": peft("lora"),
     "peft-loha": peft("loha"),
     "peft-lokr": peft("lokr", decompose_factor=8),
