@@ -68,7 +68,7 @@ class HostDispatch:
                 scale = s if scale is None else scale + s
         out = base_out if scale is None else base_out * (1 + scale).to(base_out.dtype)
         for adapter in added:
-            out = out + adapter.adapter_output(x, base_out).to(out.dtype)
+            out = adapter.add_output(out, x, base_out)
         return out
 
     def _patched_out(self, x: Tensor, rebuild: list[AdapterModule]) -> Tensor | None:

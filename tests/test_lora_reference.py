@@ -112,3 +112,34 @@ def test_tucker_parameter_count_matches_the_paper():
     tucker = sum(p.numel() for p in create_network(model, dim=4, use_tucker=True, stack=True).parameters())
     assert plain == 4 * (12 * 9 + 20)
     assert tucker == 4 * (4 * 9 + 12 + 20)
+
+
+@pytest.mark.parametrize("variant", ["plain", "tucker"])
+def test_fused_bypass_add_gradients_and_exact_identity(host_name, variant):
+    """The bypass adds m·up(down(x)) inside one addmm/baddbmm: forward and gradients (x, down, up)
+    against plain autograd through the naive layer maths, unbatched conv inputs too; at init and
+    at m = 0 the output is the host's, bit-exact."""
+    model, x = make_host(host_name, torch.float64)
+    net = create_network(model, dim=4, alpha=3, forward_mode="bypass", **VARIANTS[variant])
+    conv = model[0]
+    inputs = [x, x[0]] if isinstance(conv, nn.modules.conv._ConvNd) else [x]
+    for inp in inputs:
+        assert torch.equal(model(inp), type(conv).forward(conv, inp))  # up = 0 at init: the host's own bits
+    randomize(net, seed=5)
+    net.set_multiplier(0.0)
+    assert torch.equal(model(x), type(conv).forward(conv, x))
+    net.set_multiplier(0.7)
+    (adapter,) = net.adapters.values()
+    params = [p for p in net.parameters()]
+    for inp in inputs:
+        inp = inp.clone().requires_grad_(True)
+        y = model(inp)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        got = torch.autograd.grad(y, [inp, *params], g)
+        mid = adapter.lora_mid.weight if adapter.lora_mid is not None else None
+        delta = naive_delta(adapter.lora_up.weight, adapter.lora_down.weight, mid, expected_scale(4, 3.0, False))
+        ref = reference_op(conv, inp, conv.weight + 0.7 * delta)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        expected = torch.autograd.grad(ref, [inp, *params], g)
+        for a, e in zip(got, expected):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)

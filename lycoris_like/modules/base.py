@@ -260,6 +260,11 @@ class AdapterModule(nn.Module):
             out = F.dropout(out, self.dropout)
         return out * self.multiplier
 
+    def add_output(self, out: Tensor, x: Tensor, base_out: Tensor) -> Tensor:
+        """`out` plus `adapter_output` — what the dispatcher calls; an algorithm whose bypass ends in
+        a linear map fuses the addition into it (LoRA)."""
+        return out + self.adapter_output(x, base_out).to(out.dtype)
+
     def file_tensors(self) -> dict[str, Tensor]:
         """The tensors written to a file, keyed by suffix."""
         tensors = self.adapter_tensors()

@@ -102,7 +102,8 @@ class LoRA(RankedAdapter):
     def has_bypass(self) -> bool:
         return self.host.groups == 1
 
-    def bypass(self, x: Tensor, base_out: Tensor) -> Tensor:
+    def _down_path(self, x: Tensor) -> Tensor:
+        """The rank-r activations: down (and the Tucker core) in the host's geometry, dropout on them."""
         host = self.host
         down = self.lora_down.weight.to(x.dtype)
         if self.lora_mid is not None:
@@ -113,8 +114,21 @@ class LoRA(RankedAdapter):
             h = F.linear(x, down)
         if self.dropout and self.training_now:
             h = F.dropout(h, self.dropout)
+        return h
+
+    def bypass(self, x: Tensor, base_out: Tensor) -> Tensor:
+        h = self._down_path(x)
         mask = self.rank_mask(self.rank, h)
-        return host.pointwise(h, self._up(mask).to(x.dtype))
+        return self.host.pointwise(h, self._up(mask).to(x.dtype))
+
+    def add_output(self, out: Tensor, x: Tensor, base_out: Tensor) -> Tensor:
+        """out + m·up(down(x)) as one fused matmul-add, the multiplier folded into the rank-sized
+        up weight: no output-sized product, scaling or sum of its own (DoRA: the general path)."""
+        if not self.can_bypass or self.dora_scale is not None or x.dtype != out.dtype:
+            return super().add_output(out, x, base_out)
+        h = self._down_path(x)
+        up = self._up(self.rank_mask(self.rank, h)) * self.multiplier
+        return self.host.pointwise_add(out, h, up.to(x.dtype))
 
     def rebuild_flops(self) -> int:
         host = self.host
