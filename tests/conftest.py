@@ -181,6 +181,17 @@ def reference_op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias=
     return conv(x, weight, bias, module.stride, padding, module.dilation, module.groups)
 
 
+def saved_numels(model: nn.Module, x: torch.Tensor) -> tuple[int, list[int]]:
+    """(the output's numel, the numel of every tensor autograd saves for backward) of one forward
+    of `model` on `x`, then its backward — what an adapter keeps alive between the two."""
+    out_numel = model(x).numel()
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = model(x)
+    y.sum().backward()
+    return out_numel, saved
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bits of a float tensor, for bit-exact comparisons (distinguishes -0.0 and NaNs)."""
     return t.detach().contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])

@@ -18,7 +18,7 @@ from lycoris_like.formats.container import read_safetensors, write_safetensors
 from lycoris_like.modules.full import Full
 from lycoris_like.modules.ia3 import IA3
 
-from conftest import HOSTS, bits, make_host, randomize, reference_op
+from conftest import HOSTS, bits, make_host, randomize, reference_op, saved_numels
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
@@ -610,9 +610,5 @@ def test_ia3_bypass_saves_one_output_sized_tensor():
     """What autograd keeps per layer: the host output (for l's gradient), nothing else output-sized."""
     model, x, net, adapter = ia3_net("conv2d-k3", False, dtype=torch.float32)
     model.requires_grad_(False)
-    out_numel = model(x).numel()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        y = model(x)
-    y.sum().backward()
+    out_numel, saved = saved_numels(model, x)
     assert sum(1 for n in saved if n >= out_numel) == 1

@@ -24,7 +24,7 @@ from lycoris_like import (
 from lycoris_like.kernels.kronecker import factorization, kron_conv_bypass, kron_delta, kron_linear_bypass
 from lycoris_like.modules import get_algorithm
 
-from conftest import HOSTS, make_host, randomize, reference_op
+from conftest import HOSTS, make_host, randomize, reference_op, saved_numels
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 logging.getLogger("lycoris").setLevel(logging.ERROR)
@@ -340,11 +340,7 @@ def test_low_rank_bypass_keeps_no_output_sized_activation(host, variant):
     assert adapter.lokr_w2 is None
     net.set_forward_mode("bypass")
     model.requires_grad_(False)
-    out_numel = model(x).numel()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        y = model(x)
-    y.sum().backward()
+    out_numel, saved = saved_numels(model, x)
     assert saved and max(saved) < out_numel, (max(saved), out_numel)
 
 
