@@ -37,6 +37,7 @@ class HostDispatch:
                 (bypass if adapter.use_bypass(x) else rebuild).append(adapter)
         if not rebuild and not bypass:
             return self.original_forward(x, *args, **kwargs)
+        mapped = self._input_mapper(bypass, rebuild)
         if rebuild:  # a bypass that reads the pure host output cannot share the call with a rebuild
             for adapter in list(bypass):
                 if adapter.reads_base_out and adapter.can_bypass:
@@ -56,6 +57,9 @@ class HostDispatch:
             else:
                 weight, bias = adapted_parameters(host, rebuild, multipliers, train=True)
                 base_out = host.op(x, weight, bias)
+        elif mapped is not None:
+            bypass.remove(mapped)
+            base_out = host.op(mapped.input_map(x), host.weight, host.bias)
         else:
             base_out = host.op(x, host.weight, host.bias)
         scale = None  # per-channel rescales ((IA)³): base_out ⊙ (1 + Σ mᵢ·sᵢ) in one multiply
@@ -70,6 +74,26 @@ class HostDispatch:
         for adapter in added:
             out = adapter.add_output(out, x, base_out)
         return out
+
+    @staticmethod
+    def _input_mapper(bypass: list[AdapterModule], rebuild: list[AdapterModule]) -> AdapterModule | None:
+        """The one bypass that maps the host's input, when it can: alone among the bypasses that need
+        the pure host op and with no rebuild; otherwise every such adapter is moved to `rebuild`."""
+        mappers: list[AdapterModule] = []
+        pure = 0
+        for adapter in bypass:
+            if adapter.maps_input and adapter.can_bypass:
+                mappers.append(adapter)
+            if adapter.reads_base_out and adapter.can_bypass:
+                pure += 1
+        if not mappers:
+            return None
+        if len(mappers) == 1 and pure == 1 and not rebuild:
+            return mappers[0]
+        for adapter in mappers:
+            bypass.remove(adapter)
+            rebuild.append(adapter)
+        return None
 
     def _patched_out(self, x: Tensor, rebuild: list[AdapterModule]) -> Tensor | None:
         """The host op with one adapter's few changed entries written into the host in place for

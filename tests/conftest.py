@@ -117,6 +117,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ia3-input": ("ia3", {"train_on_input": True}),
     "full": ("full", {}),
     "svdiff": ("svdiff", {}),
+    "svdiff-f32": ("svdiff", {"svd_buffers": "float32"}),
     "svdiff-f64": ("svdiff", {"svd_buffers": "float64"}),
     "svdiff-lean": ("svdiff", {"svd_buffers": "lean"}),
     "sara": ("sara", {"threshold": 0.02}),

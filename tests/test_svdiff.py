@@ -178,18 +178,19 @@ def test_scalar_norm_shift_is_svdiff_pytorch_rule():
 
 
 @pytest.mark.parametrize("name", ["linear", "conv2d-k3", "embedding"])
-@pytest.mark.parametrize("buffers", ["float32", "float64", "lean"])
+@pytest.mark.parametrize("buffers", ["compact", "float32", "float64", "lean"])
 def test_every_buffer_layout_on_float32_hosts(name, buffers):
     model, x, base, net, adapter = make(name, torch.float32, svd_buffers=buffers)
     expected = reference(model, adapter, 1.0)
     got = adapter.delta_weight()
     assert got.dtype == torch.float32
-    tol = 1e-5 if buffers == "float32" else 1e-6
+    tol = 1e-5 if buffers in ("compact", "float32") else 1e-6
     torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
     kept = {n: b.dtype for n, b in adapter.named_buffers() if n != "multiplier"}
-    if buffers == "lean":
-        assert set(kept) == {"S", "small"} and set(kept.values()) == {torch.float64}
-        assert not adapter.has_bypass
+    if buffers in ("lean", "compact"):
+        assert set(kept) == {"S", "small"}
+        assert set(kept.values()) == {torch.float64 if buffers == "lean" else torch.float32}
+        assert adapter.has_bypass == (buffers == "compact")
     else:
         assert set(kept) == {"S", "U", "Vh"}
         assert set(kept.values()) == {torch.float32 if buffers == "float32" else torch.float64}
@@ -217,24 +218,62 @@ def test_lean_buffers_are_smaller_and_handle_zero_singular_values():
     # A full-rank wide conv: the lean layout keeps only σ and the 20 × 20 factor.
     model, x, base, net, adapter = make("conv2d-k3", svd_buffers="lean")
     assert adapter.tail is None and adapter.buffer_bytes() == (20 + 20 * 20) * 8
-    assert create_network(host("conv2d-k3", torch.float32)[0], algo="svdiff", preset=None).adapters["0"].buffer_bytes() == (
+    # float32: σ and both factors; compact (the default): σ and the small factor, in float32.
+    conv = host("conv2d-k3", torch.float32)[0]
+    assert create_network(conv, algo="svdiff", preset=None, svd_buffers="float32").adapters["0"].buffer_bytes() == (
         20 + 20 * 20 + 20 * 108) * 4
+    assert create_network(conv, algo="svdiff", preset=None, stack=True).adapters["0"].buffer_bytes() == (20 + 20 * 20) * 4
 
 
-def test_lean_refuses_a_host_weight_another_network_merged_into():
-    model, x, base, net, adapter = make("linear", torch.float32, svd_buffers="lean", forward_mode="rebuild")
+@pytest.mark.parametrize("name", ["linear", "linear-wide"])
+@pytest.mark.parametrize("buffers", ["lean", "compact"])
+def test_recovering_layouts_refuse_a_host_weight_another_network_merged_into(buffers, name):
+    model, x, base, net, adapter = make(name, torch.float32, svd_buffers=buffers)
     expected = model(x)
     lora = create_network(model, algo="lora", preset=None, stack=True)
     with torch.no_grad():
         lora.adapters["0"].lora_up.weight.fill_(0.1)
         lora.merge()
-    with pytest.raises(MergeError, match="lean"):
-        model(x)
-    with pytest.raises(MergeError, match="lean"):
+    for mode in ("rebuild", "bypass", "auto"):
+        net.set_forward_mode(mode)
+        with pytest.raises(MergeError, match=buffers):
+            model(x)
+    with pytest.raises(MergeError, match=buffers):
         net.merge()
     lora.unmerge()
     lora.remove()
     assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("shape", [(24, 80), (80, 24), (30, 30)])
+def test_gram_svd_gives_sigma_and_the_small_factor(shape):
+    """compact's float32 buffers come from eigh of the smaller Gram matrix (float64): σ and the small
+    factor agree with the naive SVD (vectors up to sign) on a weight with σ spread over 1 … 1e-3."""
+    from lycoris_like.kernels.spectral import gram_svd
+
+    rows, cols = shape
+    r = min(shape)
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(rows, r, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(cols, r, generator=g, dtype=torch.float64))[0]
+    weight = (u * torch.logspace(0, -3, r, dtype=torch.float64)) @ v.T
+    sigma, small = gram_svd(weight)
+    nu, ns, nvh = torch.linalg.svd(weight, full_matrices=False)
+    torch.testing.assert_close(sigma, ns, rtol=1e-9, atol=0)
+    expected = nu if rows <= cols else nvh.T
+    got = small if rows <= cols else small.T
+    assert got.shape == (min(rows, cols), r)
+    signs = torch.sign((got * expected).sum(0))
+    torch.testing.assert_close(got * signs, expected, rtol=0, atol=1e-9)
+    # Through the model: a float32 layer keeps exactly these, rounded.
+    model = nn.Sequential(nn.Linear(cols, rows))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    adapter = create_network(model, algo="svdiff", preset=None).adapters["0"]
+    assert adapter.svd_buffers == "compact" and adapter.tail is None and adapter.small.dtype == torch.float32
+    assert adapter.small.shape == (r, r)
+    sigma32, small32 = gram_svd(model[0].weight)
+    assert torch.equal(adapter.S, sigma32.float()) and torch.equal(adapter.small, small32.float())
 
 
 def test_svd_runs_on_the_tall_orientation(monkeypatch):
@@ -320,9 +359,10 @@ def test_delta_space_combination_and_interpolation():
     torch.testing.assert_close(model(x), op(model[0], x, weight + summed), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["linear", "conv2d-k3", "embedding"])
-def test_flipping_paired_singular_vector_signs_does_not_change_delta(name):
-    model, x, base, net, adapter = make(name)
+@pytest.mark.parametrize("buffers", ["compact", "float64"])
+@pytest.mark.parametrize("name", ["linear", "linear-wide", "conv2d-k3", "embedding"])
+def test_flipping_paired_singular_vector_signs_does_not_change_delta(name, buffers):
+    model, x, base, net, adapter = make(name, svd_buffers=buffers)
     before = adapter.delta_weight().clone()
     net.set_forward_mode("bypass")
     out_before = model(x)
@@ -330,8 +370,12 @@ def test_flipping_paired_singular_vector_signs_does_not_change_delta(name):
     signs = torch.where(torch.rand(adapter.rank, generator=g) < 0.5, -1.0, 1.0).double()
     assert (signs < 0).any() and (signs > 0).any()
     with torch.no_grad():
-        adapter.U.mul_(signs)
-        adapter.Vh.mul_(signs[:, None])
+        if buffers == "compact":  # the small factor alone (no tail: these weights have full rank)
+            assert adapter.tail is None
+            adapter.small.mul_(signs[:, None] if adapter.tall else signs)
+        else:
+            adapter.U.mul_(signs)
+            adapter.Vh.mul_(signs[:, None])
     assert torch.equal(bits(adapter.delta_weight()), bits(before))
     assert torch.equal(bits(model(x)), bits(out_before))
     # The naive reference with flipped factors agrees too.
@@ -344,10 +388,12 @@ def test_flipping_paired_singular_vector_signs_does_not_change_delta(name):
 # --------------------------------------------------------------------- forward paths
 
 
-@pytest.mark.parametrize("name", ["linear", "linear-wide", "conv1d-k3", "conv2d-k3", "conv2d-stride2", "conv2d-reflect",
-                                  "conv2d-k3x1", "conv3d-k3", "embedding"])
-def test_bypass_equals_rebuild_forward_and_gradients(name):
-    model, x, base, net, adapter = make(name, multiplier=0.7)
+@pytest.mark.parametrize("buffers", ["compact", "float32"])
+@pytest.mark.parametrize("name", ["linear", "linear-nobias", "linear-wide", "conv1d-k1", "conv1d-k3", "conv2d-k1",
+                                  "conv2d-k3", "conv2d-stride2", "conv2d-dilation2", "conv2d-reflect",
+                                  "conv2d-circular", "conv2d-k3x1", "conv3d-k1", "conv3d-k3", "embedding"])
+def test_bypass_equals_rebuild_forward_and_gradients(name, buffers):
+    model, x, base, net, adapter = make(name, multiplier=0.7, svd_buffers=buffers)
     model.requires_grad_(False)
     results = {}
     for mode in ("rebuild", "bypass"):
@@ -362,12 +408,133 @@ def test_bypass_equals_rebuild_forward_and_gradients(name):
     torch.testing.assert_close(results["bypass"][1], results["rebuild"][1], rtol=1e-9, atol=1e-9)
     assert all(p.grad is None for p in model.parameters())
     # float32 hosts agree to float tolerance
-    model, x, base, net, adapter = make(name, torch.float32, multiplier=0.7)
+    model, x, base, net, adapter = make(name, torch.float32, multiplier=0.7, svd_buffers=buffers)
     outs = []
     for mode in ("rebuild", "bypass"):
         net.set_forward_mode(mode)
         outs.append(model(x).detach())
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+COMPACT_SIDES = {"linear": "in", "linear-nobias": "in", "linear-wide": "out", "conv1d-k1": "in", "conv2d-k1": "in",
+                 "conv3d-k1": "in", "conv1d-k3": "out", "conv2d-k3": "out", "conv2d-k3x1": "out",
+                 "conv2d-stride2": "out", "conv2d-dilation2": "out", "conv2d-reflect": "out", "conv2d-circular": "out",
+                 "conv3d-k3": "out", "conv2d-groups2": None, "embedding": "emb"}
+
+
+@pytest.mark.parametrize("name", sorted(COMPACT_SIDES))
+def test_compact_forward_and_every_gradient_against_the_naive_formula(name):
+    """compact goes through the host's own output ("out", "emb") or input ("in"); forward, ∇x and ∇δ
+    equal op(x, W + U·diag(ReLU(σ + s·δ) − σ)·Vh) from a float64 SVD written here."""
+    model, x, base, net, adapter = make(name, multiplier=0.7)
+    assert adapter.side == COMPACT_SIDES[name] and adapter.has_bypass == (adapter.side is not None)
+    model.requires_grad_(False)
+    layer, weight = model[0], model[0].weight.detach()
+    u, sigma, vh = naive_svd(weight)
+    shifts = adapter.delta.detach().clone().requires_grad_(True)
+    x_ref = x.clone().requires_grad_(x.is_floating_point())
+    delta = (u @ torch.diag(torch.clamp(sigma + 0.7 * shifts, min=0) - sigma) @ vh).reshape(weight.shape)
+    expected = op(layer, x_ref, weight + delta)
+    probe = torch.linspace(-1, 1, expected.shape[-1], dtype=expected.dtype)
+    (expected * probe).square().sum().backward()
+    for mode in ("bypass", "auto"):
+        net.set_forward_mode(mode)
+        net.zero_grad()
+        x_in = x.clone().requires_grad_(x.is_floating_point())
+        out = model(x_in)
+        (out * probe).square().sum().backward()
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(adapter.delta.grad, shifts.grad, rtol=1e-9, atol=1e-9)
+        if x.is_floating_point():
+            torch.testing.assert_close(x_in.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12)])
+def test_compact_keeps_near_zero_singular_vectors_explicitly(shape):
+    """A rank-3 weight: its nine zero singular values cannot be divided by, so their large-factor
+    vectors are kept (`tail`); a wide layer still bypasses (output side plus those nine), a tall one
+    rebuilds. Both match the float64 layout (the same SVD: a null space's basis is arbitrary, so the
+    naive SVD's would give another ΔW), float32 hosts to float32 tolerance."""
+    rows, cols = shape
+    torch.manual_seed(0)
+    weight = torch.randn(rows, 3, dtype=torch.float64) @ torch.randn(3, cols, dtype=torch.float64)
+    shifts = torch.linspace(-1, 2, 12, dtype=torch.float64)
+    x = torch.randn(5, cols, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        layers = {}
+        for buffers in ("compact", "float64"):
+            model = nn.Sequential(nn.Linear(cols, rows).to(dtype))
+            with torch.no_grad():
+                model[0].weight.copy_(weight)
+            net = create_network(model, algo="svdiff", preset=None, svd_buffers=buffers)
+            with torch.no_grad():
+                net.adapters["0"].delta.copy_(shifts)
+            layers[buffers] = (model, net, net.adapters["0"])
+        model, net, adapter = layers["compact"]
+        assert adapter.tail is not None and adapter.tail.shape == (max(shape), 9)
+        assert adapter.side == ("out" if rows < cols else None)
+        delta = layers["float64"][2].delta_weight().double()
+        expected = op(model[0], x, model[0].weight.double() + delta)
+        for mode in ("bypass", "rebuild"):
+            net.set_forward_mode(mode)
+            assert adapter.use_bypass(x.to(dtype)) == (mode == "bypass" and adapter.side is not None)
+            out = model(x.to(dtype))
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+        torch.testing.assert_close(adapter.delta_weight().double(), delta, rtol=tol, atol=tol * delta.abs().max().item())
+
+
+def test_compact_float32_error_grows_only_with_the_shift_to_sigma_ratio():
+    """The output side recovers Vh·x as Uᵀ·(W·x)/σ, so a float32 host's rounding is amplified by g/σ
+    (the documented bound: about ε·max|gᵢ/σᵢ| of the output). A layer with σ from 1 down to 1e-3
+    (the float32 tail limit is 3.5e-4) and every shift 0.1: g/σ up to 100, the output still within
+    2e-5 of the float64 result; the rebuild, recovering U by the same division, likewise."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(24, 24, generator=g, dtype=torch.float64))[0]
+    vh = torch.linalg.qr(torch.randn(80, 24, generator=g, dtype=torch.float64))[0].T
+    sigma = torch.logspace(0, -3, 24, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(80, 24))
+    with torch.no_grad():
+        model[0].weight.copy_(u @ torch.diag(sigma) @ vh)
+    x = torch.randn(6, 80, generator=g)
+    net = create_network(model, algo="svdiff", preset=None)
+    adapter = net.adapters["0"]
+    assert adapter.side == "out" and adapter.tail is None
+    with torch.no_grad():
+        adapter.delta.fill_(0.1)
+    assert (adapter.gain(1.0).double() / adapter.S.double()).max() > 90
+    expected = op(model[0], x.double(), model[0].weight.double() + naive_delta(model[0].weight, adapter.delta))
+    for mode in ("bypass", "rebuild"):
+        net.set_forward_mode(mode)
+        torch.testing.assert_close(model(x).double(), expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("other", ["svdiff", "lora", "ia3"])
+def test_compact_input_side_shares_the_host_with_other_networks(other, monkeypatch):
+    """The input side maps the host's input, so it runs only beside bypasses that neither map the
+    input nor read the pure host output (LoRA); beside (IA)³ or a second input-side SVDiff it
+    rebuilds instead. Every case equals op(x, W + ΔW₁ + ΔW₂)."""
+    model, x, base, net, adapter = make("linear", multiplier=0.8)
+    assert adapter.side == "in"
+    second = create_network(model, algo=other, preset=None, stack=True, multiplier=0.6)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9), dtype=p.dtype) * 0.1)
+    calls = []
+    real = type(adapter).input_map
+    monkeypatch.setattr(type(adapter), "input_map", lambda self, x: calls.append(self) or real(self, x))
+    for network in (net, second):
+        network.set_forward_mode("bypass")
+    layer = model[0]
+    if other == "svdiff":  # the multiplier sits inside the ReLU
+        second_delta = naive_delta(layer.weight, second.adapters["0"].delta, 0.6)
+    else:
+        second_delta = 0.6 * second.adapters["0"].delta_weight()
+    expected = op(layer, x, layer.weight.detach() + naive_delta(layer.weight, adapter.delta, 0.8) + second_delta)
+    if other == "ia3":  # (IA)³ scales the bias too
+        expected = expected + 0.6 * second.adapters["0"].delta_bias()
+    torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
+    assert len(calls) == (1 if other == "lora" else 0)
 
 
 def test_unbatched_conv_input_in_bypass():
@@ -379,7 +546,7 @@ def test_unbatched_conv_input_in_bypass():
 
 
 def test_cost_model_picks_the_cheaper_path():
-    model, x, base, net, adapter = make("linear", torch.float32)
+    model, x, base, net, adapter = make("linear", torch.float32, svd_buffers="float32")
     # Linear 48 → 80, r = 48: rebuilding ΔW costs 80·48·48; the bypass 48·(48 + 80 + 1) per token.
     assert adapter.rebuild_flops() == 80 * 48 * 48
     assert adapter.bypass_flops(10) == 10 * 48 * (48 + 80 + 1)
@@ -389,14 +556,26 @@ def test_cost_model_picks_the_cheaper_path():
     # Training: 3 passes of the bypass against the rebuild plus the full weight gradient (48·80 a token).
     assert adapter.use_bypass(torch.randn(12, 48))  # 3·12·6192 < 184320 + 12·3840
     assert not adapter.use_bypass(torch.randn(13, 48))
-    model, x, base, net, adapter = make("conv2d-k3", torch.float32)
+    model, x, base, net, adapter = make("conv2d-k3", torch.float32, svd_buffers="float32")
     assert adapter.rebuild_flops() == 20 * 108 * 20 and adapter.bypass_flops(7) == 7 * 20 * (108 + 20 + 1)
-    model, x, base, net, adapter = make("embedding", torch.float32)  # gathering rows of U: cheap
+    model, x, base, net, adapter = make("embedding", torch.float32, svd_buffers="float32")  # rows of U: cheap
     assert adapter.bypass_flops(14) == 14 * 12 * 13 and adapter.rebuild_flops() == 40 * 12 * 12
     with torch.no_grad():
         assert adapter.use_bypass(x)
+    # compact: two matmuls with the small factor per token (Linear 48 → 80 is tall: Vh, 48 × 48, on
+    # the input; the 20 × 108 conv is wide: U, 20 × 20, on the output); a rebuild recovers the large
+    # factor first, twice the matmuls.
+    model, x, base, net, adapter = make("linear", torch.float32)
+    assert adapter.side == "in" and adapter.bypass_flops(10) == 10 * 2 * 48 * 48
+    assert adapter.rebuild_flops() == 2 * 80 * 48 * 48
+    with torch.no_grad():
+        assert adapter.use_bypass(torch.randn(79, 48)) and not adapter.use_bypass(torch.randn(80, 48))
+    model, x, base, net, adapter = make("conv2d-k3", torch.float32)
+    assert adapter.side == "out" and adapter.bypass_flops(7) == 7 * 2 * 20 * 20
+    model, x, base, net, adapter = make("embedding", torch.float32)
+    assert adapter.side == "emb" and adapter.bypass_flops(14) == 14 * 2 * 12 * 12
     for name, options in (("conv2d-groups2", {}), ("layernorm", {}), ("groupnorm", {"one_d": "direct"}),
-                          ("linear", {"svd_buffers": "lean"})):
+                          ("linear", {"svd_buffers": "lean"}), ("conv2d-groups2", {"svd_buffers": "float32"})):
         model, x, base, net, adapter = make(name, torch.float32, **options)
         net.set_forward_mode("bypass")
         assert not adapter.can_bypass and not adapter.use_bypass(x)

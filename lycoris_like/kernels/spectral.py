@@ -53,6 +53,25 @@ def tall_svd(matrix: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor
     return u.contiguous(), s.contiguous(), vh.contiguous()
 
 
+def gram_svd(matrix: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """(σ (r,), the smaller singular factor) of `matrix` (out, n) from the eigendecomposition of its
+    smaller Gram matrix, computed in `dtype`, σ descending: U (out, r) when out ≤ n (eigh of W·Wᵀ),
+    else Vh (r, n) (eigh of Wᵀ·W).
+
+    A fraction of the SVD's time and memory (no large factor is formed), at the price of squaring
+    the condition number: a σᵢ carries an absolute error of about ε·σ_max²/σᵢ, so callers use it only
+    where the large factor is recovered by dividing by σᵢ ≥ √ε·σ_max anyway (SVDiff's compact layout),
+    and take the full SVD where smaller singular values occur.
+    """
+    a = matrix.detach().to(dtype)
+    wide = a.shape[0] <= a.shape[1]
+    gram = a @ a.T if wide else a.T @ a
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    sigma = eigenvalues.flip(0).clamp_min(0).sqrt()
+    vectors = vectors.flip(1)
+    return sigma.contiguous(), (vectors if wide else vectors.T).contiguous()
+
+
 def spectral_gain(sigma: Tensor, delta: Tensor, scale: Tensor | float = 1.0) -> Tensor:
     """g = ReLU(σ + s·δ) − σ in σ's dtype: the change of each singular value. Exactly 0 where
     s·δ = 0 (σ ≥ 0), so δ = 0 or s = 0 gives ΔW = 0 exactly."""

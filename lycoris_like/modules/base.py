@@ -124,6 +124,16 @@ class AdapterModule(nn.Module):
         such adapter with one multiply, base_out ⊙ (1 + Σ mᵢ·sᵢ). None: use `adapter_output`."""
         return None
 
+    @property
+    def maps_input(self) -> bool:
+        """Whether the bypass acts on the host's input (`input_map`) instead of adding to its output."""
+        return False
+
+    def input_map(self, x: Tensor) -> Tensor:
+        """x' with op(x', W, b) = op(x, W + m·ΔW, b), for a bypass that `maps_input` (SVDiff's compact
+        layout on a tall weight); the dispatcher then runs the host op on x'."""
+        raise NotImplementedError
+
     def rebuild_flops(self) -> int:
         """Cost of building ΔW once (cost-model input)."""
         return self.host.weight.numel()

@@ -25,6 +25,7 @@ from ..errors import ConfigError, IncompatibleFileError, MergeError, ShapeMismat
 from ..hosts import LINEAR_AND_CONV, NORMS, HostLayer, compute_dtype
 from ..kernels.spectral import (
     as_matrix,
+    gram_svd,
     lean_delta,
     lean_split,
     spectral_delta,
@@ -36,8 +37,10 @@ from .base import MERGE_STACK, AdapterModule, require_keys
 from .registry import register_algorithm
 
 ONE_D_MODES = ("scalar", "direct", "none")
-SVD_BUFFERS = ("float32", "float64", "lean")
+SVD_BUFFERS = ("compact", "float32", "float64", "lean")
+DEFAULT_SVD_BUFFERS = "compact"
 DEFAULT_ONE_D = "scalar"
+LEAN_RTOL = 1e-6  # float64 factors: divide by singular values down to 1e-6·σ_max
 LR_SHIFTS = 1e-3
 LR_ONE_D = 1e-6
 
@@ -53,11 +56,13 @@ class SVDiff(AdapterModule):
     """Spectral shifts on Linear, Conv1d/2d/3d, Embedding and (per `one_d`) LayerNorm/GroupNorm.
 
     Options: `one_d` ("scalar" default, "direct", "none"); `svd_buffers` — what is kept per layer:
-    "float32" (default: U, σ, Vh in float32), "float64" (the same in float64), or "lean" (σ and
-    the smaller factor in float64; the larger factor is recovered from the host weight at every
-    rebuild — 2.4× less memory on the SD1.5 UNet, no bypass, and the host weight must still be the base).
-    `dim`/`alpha` are accepted and ignored. `dropout` acts on the r spectral activations (x·Vhᵀ)
-    in the bypass; `rank_dropout` drops whole singular components (norm "direct": entries of δ).
+    "compact" (default: σ and the smaller singular factor in float32; the forward goes through the
+    host's own output or input, see `side`, and rebuilds recover the larger factor from the host
+    weight — 4.9× less memory than "float32" on the SD1.5 UNet; the host weight must still be the
+    base), "float32" (U, σ, Vh in float32), "float64" (the same in float64), or "lean" (as compact,
+    in float64, rebuild only). `dim`/`alpha` are accepted and ignored. `dropout` acts on the r
+    spectral activations (x·Vhᵀ) in the bypass; `rank_dropout` drops whole singular components
+    (norm "direct": entries of δ).
     """
 
     restorable_options = frozenset({"svd_buffers"})
@@ -75,7 +80,7 @@ class SVDiff(AdapterModule):
         alpha: float | None = None,
         *,
         one_d: str = DEFAULT_ONE_D,
-        svd_buffers: str = "float32",
+        svd_buffers: str = DEFAULT_SVD_BUFFERS,
         **common: Any,
     ) -> None:
         super().__init__(host, **common)
@@ -87,7 +92,9 @@ class SVDiff(AdapterModule):
         if self.is_norm and self.one_d == "none":
             raise ConfigError(f"svdiff with one_d='none' does not adapt {host.kind} layers")
         self.direct = self.is_norm and self.one_d == "direct"
-        self.lean = svd_buffers == "lean" and not self.is_norm  # a 1 × C factor is already tiny
+        # compact/lean: keep σ and the smaller factor, recover the larger from the host weight
+        self.recovers = svd_buffers in ("compact", "lean") and not self.is_norm  # a 1 × C factor is tiny
+        self.side: str | None = None
         weight = host.weight.detach()
         # The base this adapter is defined on (written to files, verified at load).
         self.base_hash = weight_checksum(weight, compute_dtype(weight.dtype))
@@ -98,30 +105,42 @@ class SVDiff(AdapterModule):
             self.delta = None
             return
         matrix = as_matrix(weight)
-        self.tall = matrix.shape[0] >= matrix.shape[1]
+        self.tall = matrix.shape[0] > matrix.shape[1]  # square: U is the small factor
         self.rank = min(matrix.shape)
         self.gain_delta = None
         self.delta = nn.Parameter(torch.zeros(self.rank, **fac))
-        keep = torch.float64 if svd_buffers != "float32" else torch.float32
+        keep = torch.float32 if svd_buffers in ("compact", "float32") else torch.float64
         keep = torch.promote_types(keep, compute_dtype(weight.dtype))
+        for name in ("S", "U", "Vh", "small", "tail"):
+            self.register_buffer(name, None, persistent=False)
         with torch.no_grad():
+            if self.recovers:
+                self.init_small_factor(matrix, keep)
+                return
             u, s, vh = tall_svd(matrix, torch.float64)
-        self.register_buffer("S", s.to(keep), persistent=False)
-        if not self.lean:
-            self.register_buffer("U", u.to(keep), persistent=False)
-            self.register_buffer("Vh", vh.to(keep), persistent=False)
-            self.register_buffer("small", None, persistent=False)
-            self.register_buffer("tail", None, persistent=False)
-            return
-        # Lean: σ and the small square factor; the large one is W·Vhᵀ/σ (tall) or Uᵀ·W/σ (wide),
-        # except for singular values too small to divide by, whose vectors are kept in `tail`.
-        t = lean_split(s)
-        head = self.rank - t
-        self.register_buffer("U", None, persistent=False)
-        self.register_buffer("Vh", None, persistent=False)
-        self.register_buffer("small", (vh if self.tall else u).contiguous(), persistent=False)
-        tail = u[:, head:] if self.tall else vh[head:].T
-        self.register_buffer("tail", tail.contiguous() if t else None, persistent=False)
+        self.S, self.U, self.Vh = s.to(keep), u.to(keep), vh.to(keep)
+
+    def init_small_factor(self, matrix: Tensor, keep: torch.dtype) -> None:
+        """σ and the small square factor (compact, lean); the large factor is W·Vhᵀ/σ (tall) or
+        Uᵀ·W/σ (wide), except for singular values too small to divide by, whose large-factor vectors
+        are kept in `tail`. Float32 compact buffers come from the Gram matrix's eigendecomposition
+        (float64; no large factor formed), unless it finds such small singular values."""
+        rtol = LEAN_RTOL if self.svd_buffers == "lean" else torch.finfo(keep).eps ** 0.5
+        if keep != torch.float64:  # compact on a float32/16 host
+            s, small = gram_svd(matrix, torch.float64)
+            if lean_split(s, rtol) == 0:
+                self.head = self.rank
+                self.S, self.small = s.to(keep), small.to(keep)
+                self.side = side_of(self.host, self.tall, 0)
+                return
+        u, s, vh = tall_svd(matrix, torch.float64)
+        t = lean_split(s, rtol)
+        self.head = self.rank - t
+        self.S, self.small = s.to(keep), (vh if self.tall else u).to(keep).contiguous()
+        if t:
+            self.tail = (u[:, self.head:] if self.tall else vh[self.head:].T).to(keep).contiguous()
+        if self.svd_buffers == "compact":
+            self.side = side_of(self.host, self.tall, t)
 
     @classmethod
     def kinds_for(cls, options: Mapping[str, Any]) -> frozenset[str]:
@@ -151,15 +170,20 @@ class SVDiff(AdapterModule):
             if isinstance(multiplier, Tensor):
                 multiplier = multiplier.to(vec.dtype)
             return (multiplier * vec).reshape(1, -1)
-        g = self.gain(multiplier, train)
-        if self.lean:
-            if self.host.weight.__dict__.get(MERGE_STACK):
-                raise MergeError(
-                    "svdiff with svd_buffers='lean' recovers its singular vectors from the host weight, "
-                    "which a merged network has changed; unmerge first, or use svd_buffers='float32'"
-                )
+        if self.recovers:
+            self.check_base_weight()
+            g = self.gain(multiplier, train)
             return lean_delta(as_matrix(self.host.weight), self.small, self.S, g, self.tail, self.tall)
-        return spectral_delta(self.U, g, self.Vh)
+        return spectral_delta(self.U, self.gain(multiplier, train), self.Vh)
+
+    def check_base_weight(self) -> None:
+        """compact/lean recover singular vectors from the host weight: refuse one another network
+        has merged into (not while torch.compile traces: it cannot read a tensor's `__dict__`)."""
+        if not torch.compiler.is_compiling() and self.host.weight.__dict__.get(MERGE_STACK):
+            raise MergeError(
+                f"svdiff with svd_buffers={self.svd_buffers!r} recovers its singular vectors from the host "
+                "weight, which a merged network has changed; unmerge first, or use svd_buffers='float32'"
+            )
 
     def scaled_delta(self, multiplier: Tensor | None, train: bool = False) -> Tensor:
         """ΔW(s) with s inside the ReLU, in merge precision: what rebuilds and merges add to W."""
@@ -176,42 +200,114 @@ class SVDiff(AdapterModule):
 
     @property
     def has_bypass(self) -> bool:
-        if self.is_norm or self.lean:
+        if self.is_norm or self.host.groups != 1:
             return False
-        return self.host.groups == 1
+        return self.side is not None if self.recovers else True
+
+    @property
+    def reads_base_out(self) -> bool:
+        """The compact paths need the pure host op: its output ("out", "emb") or its input ("in")."""
+        return self.side is not None
+
+    @property
+    def maps_input(self) -> bool:
+        return self.side == "in"
 
     def spectral_bypass(self, x: Tensor, multiplier: Tensor | float) -> Tensor:
-        """op(x, ΔW(s)) without building ΔW: (x·Vhᵀ)·diag(g)·Uᵀ, the Vh step in the host's own
-        geometry (conv: a conv with Vh as an (r, in, k…) kernel; embedding: rows of U)."""
-        host = self.host
-        dtype = x.dtype if x.is_floating_point() else host.weight.dtype  # embedding: x holds indices
+        """op(x, ΔW(s)) without building ΔW from U and Vh: (x·Vhᵀ)·diag(g)·Uᵀ."""
+        dtype = x.dtype if x.is_floating_point() else self.host.weight.dtype  # embedding: x holds indices
         g = self.gain(multiplier, self.training_now).to(dtype)
-        u, vh = self.U.to(dtype), self.Vh.to(dtype)
+        return self.factored_bypass(x, self.U.to(dtype), g, self.Vh.to(dtype))
+
+    def factored_bypass(self, x: Tensor, u: Tensor, g: Tensor, vh: Tensor) -> Tensor:
+        """op(x, U·diag(g)·Vh) for explicit factors U (out, k), Vh (k, n): the Vh step in the host's
+        own geometry (conv: a conv with Vh as a (k, in, k…) kernel; embedding: rows of U)."""
+        host, k = self.host, g.shape[0]
         if host.kind == "embedding":
-            h = F.embedding(x, u)  # U[x]: (…, r)
+            h = F.embedding(x, u)  # U[x]: (…, k)
             if self.dropout and self.training_now:
                 h = F.dropout(h, self.dropout)
             return (h * g) @ vh
         if host.is_conv:
-            h = host.op(x, vh.reshape(self.rank, host.in_features, *host.kernel_size), None)
+            h = host.op(x, vh.reshape(k, host.in_features, *host.kernel_size), None)
             if self.dropout and self.training_now:
                 h = F.dropout(h, self.dropout)
-            h = h * g.reshape(self.rank, *host.ones)
-            return host.pointwise(h, u.reshape(host.out_features, self.rank, *host.ones))
+            h = h * g.reshape(k, *host.ones)
+            return host.pointwise(h, u.reshape(host.out_features, k, *host.ones))
         h = F.linear(x, vh)
         if self.dropout and self.training_now:
             h = F.dropout(h, self.dropout)
         return F.linear(h * g, u)
 
+    def side_terms(self, dtype: torch.dtype, multiplier: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """(g, Q, g/σ) for the compact paths: the gain, the small factor's head as (channels, head)
+        and the head's ratio, in `dtype`."""
+        self.check_base_weight()
+        g = self.gain(multiplier, self.training_now)
+        head = self.head
+        q = self.small[:, :head] if self.side == "out" else self.small[:head].T
+        return g.to(dtype), q.to(dtype), (g[:head] / self.S[:head]).to(dtype)
+
+    def side_map(self, t: Tensor, q: Tensor, ratio: Tensor, shift: Tensor | None = None,
+                 acc: Tensor | None = None) -> Tensor:
+        """acc + Q·diag(g/σ)·Qᵀ·(t − shift) along the channel axis (`acc` defaults to `t`; `shift`:
+        the bias on the output side). The output side gives U·diag(g/σ)·Uᵀ·(W·x) = ΔW·x, the input
+        side Vhᵀ·diag(g/σ)·Vh·x, which W maps to ΔW·x; the sum is formed inside the last matmul."""
+        host = self.host
+        conv = host.is_conv and self.side != "emb"
+        h = host.pointwise(t, q.T) if conv else t @ q
+        if shift is not None:
+            bias = q.T @ shift.to(q.dtype)
+            h = h - (bias.reshape(-1, *host.ones) if conv else bias)
+        if self.dropout and self.training_now:
+            h = F.dropout(h, self.dropout)
+        acc = t if acc is None else acc
+        if conv:
+            return host.pointwise_add(acc, h * ratio.reshape(-1, *host.ones), q)
+        flat = torch.addmm(acc.reshape(-1, acc.shape[-1]), (h * ratio).reshape(-1, ratio.shape[0]), q.T)
+        return flat.reshape(acc.shape)
+
+    def input_map(self, x: Tensor) -> Tensor:
+        """x' with op(x', W) = op(x, W + ΔW(s)) (side "in": a tall Linear or 1×1 conv without tail)."""
+        g, q, ratio = self.side_terms(x.dtype, self.multiplier)
+        return self.side_map(x, q, ratio)
+
+    def add_output(self, out: Tensor, x: Tensor, base_out: Tensor) -> Tensor:
+        """`out` + op(x, ΔW(s)); on the output side through the pure host output `base_out`."""
+        if self.side not in ("out", "emb") or not self.can_bypass:
+            return super().add_output(out, x, base_out)
+        g, q, ratio = self.side_terms(base_out.dtype, self.multiplier)
+        out = self.side_map(base_out, q, ratio, self.host.bias if self.side == "out" else None, acc=out)
+        return out if self.tail is None else out + self.tail_bypass(x, g)
+
+    def tail_bypass(self, x: Tensor, g: Tensor) -> Tensor:
+        """op(x, ΔW) of the singular values kept explicitly (`tail`), from their two factors."""
+        head = self.head
+        if self.tall:
+            return self.factored_bypass(x, self.tail.to(g.dtype), g[head:], self.small[head:].to(g.dtype))
+        return self.factored_bypass(x, self.small[:, head:].to(g.dtype), g[head:], self.tail.T.to(g.dtype))
+
     def bypass(self, x: Tensor, base_out: Tensor) -> Tensor:
         """op(x, ΔW) at s = 1 (the contract's multiplier-free contribution); the forward uses
         `adapter_output`, which puts the runtime multiplier inside the ReLU."""
-        return self.spectral_bypass(x, 1.0)
+        return self.side_output(x, base_out, 1.0)
+
+    def side_output(self, x: Tensor, base_out: Tensor, multiplier: Tensor | float) -> Tensor:
+        """op(x, ΔW(s)) by whichever bypass this layer has (the compact "in" side: a second host op,
+        W·(Vhᵀ·diag(g/σ)·Vh·x) — the dispatcher maps the input instead)."""
+        if self.side is None:
+            return self.spectral_bypass(x, multiplier)
+        g, q, ratio = self.side_terms(base_out.dtype, multiplier)
+        if self.side == "in":
+            return self.host.op(self.side_map(x, q, ratio, acc=torch.zeros_like(x)), self.host.weight, None)
+        bias = self.host.bias if self.side == "out" else None
+        out = self.side_map(base_out, q, ratio, bias, acc=torch.zeros_like(base_out))
+        return out if self.tail is None else out + self.tail_bypass(x, g)
 
     def adapter_output(self, x: Tensor, base_out: Tensor) -> Tensor:
         """The separate path with the multiplier inside the ReLU (never a factor outside)."""
         if self.can_bypass:
-            return self.spectral_bypass(x, self.multiplier)
+            return self.side_output(x, base_out, self.multiplier)
         dtype = x.dtype if x.is_floating_point() else self.host.weight.dtype
         out = self.host.op(x, self.scaled_delta(self.multiplier, train=True).to(dtype), None)
         if self.dropout and self.training_now:
@@ -222,10 +318,14 @@ class SVDiff(AdapterModule):
         if self.is_norm:
             return self.host.weight.numel()
         out, n = as_matrix(self.host.weight).shape
-        return (2 if self.lean else 1) * out * n * self.rank
+        return (2 if self.recovers else 1) * out * n * self.rank
 
     def bypass_flops(self, tokens: int) -> int:
         out, n = as_matrix(self.host.weight).shape
+        if self.side is not None:
+            channels = {"out": out, "in": n, "emb": n}[self.side]
+            tail = self.rank - self.head
+            return tokens * (2 * channels * self.head + tail * (n + out + 1))
         if self.host.kind == "embedding":
             return tokens * self.rank * (n + 1)  # gather, gain, then r × dim
         return tokens * self.rank * (n + out + 1)
@@ -285,6 +385,21 @@ class SVDiff(AdapterModule):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank {self.rank}, one_d={self.one_d}, svd_buffers={self.svd_buffers}"
+
+
+def side_of(host: HostLayer, tall: bool, tail: int) -> str | None:
+    """The compact bypass a layer has: "out" for a wide (or square) Linear/conv, "in" for a tall
+    Linear or 1×1 conv without near-zero singular values, "emb" for a tall Embedding; None (rebuild
+    only) for a tall conv with a larger kernel, a wide Embedding or a grouped conv."""
+    if host.kind == "embedding":
+        return "emb" if tall else None
+    if host.groups != 1:
+        return None
+    if not tall:
+        return "out"
+    if tail == 0 and (host.kind == "linear" or all(k == 1 for k in host.kernel_size)):
+        return "in"
+    return None
 
 
 def check_base(host: HostLayer, tensors: Mapping[str, Tensor], name: str) -> None:
