@@ -563,13 +563,13 @@ def test_cost_model_picks_the_cheaper_path():
     with torch.no_grad():
         assert adapter.use_bypass(x)
     # compact: two matmuls with the small factor per token (Linear 48 → 80 is tall: Vh, 48 × 48, on
-    # the input; the 20 × 108 conv is wide: U, 20 × 20, on the output); a rebuild recovers the large
-    # factor first, twice the matmuls.
+    # the input; the 20 × 108 conv is wide: U, 20 × 20, on the output); a rebuild forms the r × r
+    # map Vhᵀ·diag(g/σ)·Vh first, then W times it.
     model, x, base, net, adapter = make("linear", torch.float32)
     assert adapter.side == "in" and adapter.bypass_flops(10) == 10 * 2 * 48 * 48
-    assert adapter.rebuild_flops() == 2 * 80 * 48 * 48
-    with torch.no_grad():
-        assert adapter.use_bypass(torch.randn(79, 48)) and not adapter.use_bypass(torch.randn(80, 48))
+    assert adapter.rebuild_flops() == 80 * 48 * 48 + 48**3
+    with torch.no_grad():  # t·2·48² < 128·48²: t < 64
+        assert adapter.use_bypass(torch.randn(63, 48)) and not adapter.use_bypass(torch.randn(64, 48))
     model, x, base, net, adapter = make("conv2d-k3", torch.float32)
     assert adapter.side == "out" and adapter.bypass_flops(7) == 7 * 2 * 20 * 20
     model, x, base, net, adapter = make("embedding", torch.float32)

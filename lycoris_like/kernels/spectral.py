@@ -86,26 +86,25 @@ def spectral_delta(u: Tensor, gain: Tensor, vh: Tensor) -> Tensor:
 
 
 def lean_delta(matrix: Tensor, small: Tensor, sigma: Tensor, gain: Tensor, tail: Tensor | None, tall: bool) -> Tensor:
-    """ΔW from σ, the small factor and the host weight itself (the large factor is recovered).
+    """ΔW from σ, the small factor and the host weight itself (the large factor is never formed).
 
-    Tall W (out ≥ n): `small` is Vh (n, n) and U = W·Vhᵀ·diag(1/σ), so ΔW = (W·Vhᵀ)·diag(g/σ)·Vh.
-    Wide W: `small` is U (out, out) and Vh = diag(1/σ)·Uᵀ·W, so ΔW = U·diag(g/σ)·(Uᵀ·W).
-    The last `tail.shape[1]` singular values are too small to divide by: their large-factor columns
-    (rows of Vh for a wide W) are kept explicitly in `tail` instead. Computed in `small`'s dtype.
+    Wide W (out ≤ n): `small` is U (out, out) and Vh = diag(1/σ)·Uᵀ·W, so ΔW = (U·diag(g/σ)·Uᵀ)·W.
+    Tall W: `small` is Vh (n, n) and U = W·Vhᵀ·diag(1/σ), so ΔW = W·(Vhᵀ·diag(g/σ)·Vh).
+    One full-size matmul (out·n·r) after an r × r one. The last `tail.shape[1]` singular values are
+    too small to divide by: their large-factor vectors are kept in `tail` (columns of U for a tall
+    W, rows of Vh as columns for a wide one) and added as U_t·diag(g_t)·Vh_t. Computed in `small`'s dtype.
     """
     w = matrix.to(small.dtype)
     t = 0 if tail is None else tail.shape[1]
     head = sigma.shape[0] - t
     ratio = gain[:head] / sigma[:head]
     if tall:
-        large = w @ small[:head].T * ratio  # U[:, :head]·diag(g/σ)
-        if t:
-            large = torch.cat([large, tail * gain[head:]], dim=1)
-        return large @ small
-    large = (small[:, :head] * ratio).T @ w if head else w.new_zeros(0, w.shape[1])  # diag(g/σ)·Vh[:head]
-    if t:
-        large = torch.cat([large, tail.T * gain[head:, None]], dim=0)
-    return small @ large
+        vh = small[:head]
+        delta = w @ ((vh.T * ratio) @ vh)
+        return torch.addmm(delta, tail * gain[head:], small[head:]) if t else delta
+    u = small[:, :head]
+    delta = ((u * ratio) @ u.T) @ w
+    return torch.addmm(delta, small[:, head:] * gain[head:], tail.T) if t else delta
 
 
 def lean_split(sigma: Tensor, rtol: float = 1e-6) -> int:

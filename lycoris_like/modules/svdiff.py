@@ -318,7 +318,7 @@ class SVDiff(AdapterModule):
         if self.is_norm:
             return self.host.weight.numel()
         out, n = as_matrix(self.host.weight).shape
-        return (2 if self.recovers else 1) * out * n * self.rank
+        return out * n * self.rank + (self.rank**3 if self.recovers else 0)  # recovering: r × r first
 
     def bypass_flops(self, tokens: int) -> int:
         out, n = as_matrix(self.host.weight).shape
