@@ -145,7 +145,7 @@ def test_weights_are_restored_when_the_op_or_a_patch_raises():
     def fails(old):
         raise ValueError("boom")
 
-    patches = adapter.entry_patches(None) + [(1, adapter.sparse_bias.index, fails)]
+    patches = adapter.entry_patches(None) + [(1, adapter.sparse_bias.index, fails, None)]
     with pytest.raises(ValueError, match="boom"):  # the weight patch was written before the bias one failed
         patched_op(x, (module.weight, module.bias), patches, adapter.host.op, adapter.host.op_grads, adapter.host.weight_grad_at, [])
     assert torch.equal(bits(module.weight), weight) and torch.equal(bits(module.bias), bias)
@@ -160,6 +160,46 @@ def test_a_graph_that_saved_the_host_weight_still_backpropagates():
     y = model(x)
     (y.square().sum() + other.square().sum()).backward()
     torch.testing.assert_close(z.grad, 2 * other.detach() @ module.weight)
+
+
+def test_a_host_changed_between_forward_and_backward_is_read_again_and_restored():
+    """Backward takes the unchanged entries from P₀[M] instead of reading W, but not after W's
+    version counter moved: then it reads W again, uses its new values for ∇x and puts them back."""
+    model, x, net = sara_host("conv2d-k3", torch.float64)
+    module, adapter = model[0], net.adapters["0"]
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    with torch.no_grad():
+        module.weight.mul_(1.5)  # in place, through the version counter
+    changed = bits(module.weight).clone()
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(bits(module.weight), changed)  # not P₀[M] written over the new values
+
+    w = module.weight.detach().clone().reshape(-1)
+    index, values, base = adapter.sparse_weight.entries()
+    w[index.long()] = values + (w[index.long()] - base)  # m = 1 on a changed host: v + (W[M] − P₀[M])
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = reference_op(module, x2, w.reshape(module.weight.shape), module.bias)
+    torch.testing.assert_close(gx, torch.autograd.grad(ref, x2, g)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_signed_zeros_under_the_mask_survive_the_patch():
+    """The entries the patch restores are compared bitwise with P₀[M]: a −0.0 where P₀ holds +0.0
+    is read and put back as −0.0, not replaced by P₀'s +0.0."""
+    model, x = make_host("linear", torch.float32)
+    randomize(model, std=0.1, seed=4)
+    model.requires_grad_(False)
+    with torch.no_grad():
+        model[0].weight.view(-1)[::7] = 0.0
+    net = create_network(model, algo="sara", threshold=THETA)
+    with torch.no_grad():
+        model[0].weight.view(-1)[::7] = -0.0
+    weight = bits(model[0].weight).clone()
+    x = x.clone().requires_grad_(True)
+    model(x).square().sum().backward()
+    assert torch.equal(bits(model[0].weight), weight)
+    assert net.adapters["0"].sparse_weight.values.grad is not None
 
 
 def test_fallbacks_rebuild_and_stay_correct(monkeypatch):

@@ -81,10 +81,11 @@ def updated_entries(current: Tensor, values: Tensor, base: Tensor, multiplier: T
     At m = 1 on an unchanged base (current = P₀[M], the usual training step) that is v itself —
     lerp(P₀, v, 1) returns its end point and the correction is zero — so v is returned without the
     float64 round trip (the same bits for finite values; for non-finite ones both are non-finite).
+    `current` being `base` itself says they are equal without comparing them.
     """
     if _is_one(multiplier) and not current.requires_grad:  # v alone would cut ∂/∂current
         same = torch.promote_types(current.dtype, base.dtype)
-        if torch.equal(current.to(same), base.to(same)):
+        if current is base or torch.equal(current.to(same), base.to(same)):
             return values.to(current.dtype)
     wide = torch.float64
     base = base.to(wide)

@@ -86,10 +86,13 @@ class SparseEntries(nn.Module):
     def patches(self, slot: int, multiplier: Tensor) -> list[EntryPatch]:
         """This part's update as entry patches of the host tensor in `slot` (`kernels.patch`):
         the entries of `apply`, computed by the same formula."""
-        out: list[EntryPatch] = [(slot, self.index, lambda old: sparse.updated_entries(old, self.values, self.base, multiplier))]
+        out: list[EntryPatch] = [
+            (slot, self.index, lambda old: sparse.updated_entries(old, self.values, self.base, multiplier), self.base)
+        ]
         if self.frozen_index.numel():
             out.append((slot, self.frozen_index,
-                        lambda old: sparse.updated_entries(old, self.frozen_values, self.frozen_base, multiplier)))
+                        lambda old: sparse.updated_entries(old, self.frozen_values, self.frozen_base, multiplier),
+                        self.frozen_base))
         return out
 
     def delta(self, dtype: torch.dtype) -> Tensor:
