@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .hosts import HostLayer
 from .kernels.patch import patched_op
 from .kernels.rebuild import rebuilt_op
+from .kernels.rescale import rescale_, rescale_in_place_ok
 from .modules.base import AdapterModule, adapted_parameters
 
 
@@ -70,10 +71,18 @@ class HostDispatch:
                 added.append(adapter)
             else:
                 scale = s if scale is None else scale + s
-        out = base_out if scale is None else base_out * (1 + scale).to(base_out.dtype)
+        out = base_out if scale is None else self._rescaled(base_out, (1 + scale).to(base_out.dtype), added)
         for adapter in added:
             out = adapter.add_output(out, x, base_out)
         return out
+
+    @staticmethod
+    def _rescaled(base_out: Tensor, scale: Tensor, added: list[AdapterModule]) -> Tensor:
+        """base_out ⊙ scale, written over base_out (the host op's own fresh output) where no other
+        bypass still reads it and `kernels.rescale` applies; else the plain product."""
+        if not added and rescale_in_place_ok(base_out, scale):
+            return rescale_(base_out, scale)
+        return base_out * scale
 
     @staticmethod
     def _input_mapper(bypass: list[AdapterModule], rebuild: list[AdapterModule]) -> AdapterModule | None:

@@ -16,6 +16,7 @@ import lycoris_like.modules.ia3  # noqa: F401  (registers "ia3")
 from lycoris_like import ConfigError, IncompatibleFileError, ShapeMismatchError, create_network, load_network
 from lycoris_like.formats.container import read_safetensors, write_safetensors
 from lycoris_like.modules.full import Full
+from lycoris_like.kernels.rescale import rescale_, rescale_in_place_ok
 from lycoris_like.modules.ia3 import IA3
 
 from conftest import HOSTS, bits, make_host, randomize, reference_op, saved_numels
@@ -612,3 +613,68 @@ def test_ia3_bypass_saves_one_output_sized_tensor():
     model.requires_grad_(False)
     out_numel, saved = saved_numels(model, x)
     assert sum(1 for n in saved if n >= out_numel) == 1
+
+
+@pytest.mark.parametrize("shape, channels", [
+    ((5, 7, 6), (6,)),  # Linear: channels last
+    ((2, 6, 4, 3), (6, 1, 1)),  # Conv2d, batched
+    ((6, 4, 3), (6, 1, 1)),  # Conv2d, unbatched
+    ((2, 6, 3, 2, 2), (6, 1, 1, 1)),  # Conv3d
+])
+def test_rescale_kernel_is_the_product_with_its_gradients(shape, channels):
+    """`kernels.rescale`: the in-place y ⊙ s gives the product's bits, ∇y = g ⊙ s bit-exactly and
+    ∇s = Σ g ⊙ y up to the rounding of the output it reads y back from."""
+    gen = torch.Generator().manual_seed(0)
+    y0 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    s0 = 1 + 0.3 * torch.randn(channels, generator=gen, dtype=torch.float64)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    y1, s1 = y0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    ref = y1 * s1
+    ref_gy, ref_gs = torch.autograd.grad(ref, [y1, s1], g)
+    y2, s2 = y0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    fresh = y2.clone()  # a non-leaf that nothing else holds, like a host op's output
+    assert rescale_in_place_ok(fresh, s2)
+    out = rescale_(fresh, s2)
+    assert out.data_ptr() == fresh.data_ptr() and torch.equal(bits(out), bits(ref))
+    gy, gs = torch.autograd.grad(out, [y2, s2], g)
+    assert torch.equal(bits(gy), bits(ref_gy))
+    torch.testing.assert_close(gs, ref_gs, rtol=1e-12, atol=1e-12)
+
+
+def test_rescale_kernel_declines_zeros_casts_and_growth():
+    y = torch.randn(2, 3, 4)
+    assert not rescale_in_place_ok(y, torch.tensor([1.0, 0.0, 2.0]).reshape(3, 1))  # ∇s would divide by 0
+    assert not rescale_in_place_ok(y, torch.ones(3, 1, dtype=torch.float64))  # another dtype
+    assert not rescale_in_place_ok(y, torch.ones(5, 3, 1))  # would grow y
+    assert rescale_in_place_ok(y, torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("host", ["linear", "conv2d-k3"])
+@pytest.mark.parametrize("switched_off", [False, True], ids=["in-place", "a-channel-at-zero"])
+def test_ia3_bypass_writes_over_the_host_output_and_keeps_the_naive_gradients(host, switched_off):
+    """Training in bypass: the output is the host's own output rescaled in place, and what autograd
+    saves for l is that output — not a second output-sized tensor. A channel switched off
+    (1 + m·l = 0) cannot be read back from the output: the plain product is used there. ∇x and ∇l
+    against the formula in float64 either way."""
+    model, x, net, adapter = ia3_net(host, False, multiplier=0.5)
+    model.requires_grad_(False)
+    if switched_off:
+        with torch.no_grad():
+            adapter.weight.view(-1)[1] = -2.0  # 1 + 0.5·(−2) = 0
+    x = x.clone().requires_grad_(True)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.data_ptr()) or t, lambda t: t):
+        y = model(x)
+    assert (y.data_ptr() in saved) != switched_off
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    gx, gl = torch.autograd.grad(y, [x, adapter.weight], g)
+
+    x2 = x.detach().clone().requires_grad_(True)
+    l2 = adapter.weight.detach().clone().requires_grad_(True)
+    base = reference_op(model[0], x2, model[0].weight, model[0].bias)
+    ref = base * (1 + 0.5 * (l2 if host == "linear" else l2.reshape(1, -1, 1, 1)))
+    ref_gx, ref_gl = torch.autograd.grad(ref, [x2, l2], g)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gl.reshape(-1), ref_gl.reshape(-1), rtol=1e-10, atol=1e-12)
+    assert gl.reshape(-1)[1] != 0
