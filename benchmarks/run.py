@@ -142,8 +142,8 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated configuration names (default: all)")
     parser.add_argument("--tasks", default="step", help="comma-separated: step,infer,merge,fold,load (default: step)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="run the configurations this many times in rotation and report each one's median "
-                             "(evens out a machine whose speed drifts during the run; default: 1)")
+                        help="run the configurations this many times, odd rounds in reverse order, and report "
+                             "each one's median (evens out a machine whose speed drifts during the run; default: 1)")
     parser.add_argument("--out", help="JSON-lines output file (default: benchmarks/results/<date>[-quick].jsonl)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--task", default="step", help=argparse.SUPPRESS)
@@ -166,7 +166,9 @@ def main() -> None:
         for task in args.tasks.split(","):
             rounds: dict[str, list[dict]] = {}
             for round_ in range(args.rounds):
-                for name in names:
+                # odd rounds in reverse order: over a pair of rounds a steady drift of the machine's
+                # speed hits every configuration alike (the floor runs first and last)
+                for name in names if round_ % 2 == 0 else names[::-1]:
                     if task != "step" and name == "base" and task != "infer":
                         continue
                     result = {**run_child(name, args.quick, task), "round": round_}
