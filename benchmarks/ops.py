@@ -37,6 +37,7 @@ FREE = {
     "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "as_strided",
     "detach", "alias", "squeeze", "unsqueeze", "select", "slice", "split", "split_with_sizes", "unbind",
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "unflatten",
+    "promote_types", "result_type",
     "flatten", "view_as", "expand_as", "numpy_T", "mT", "_unsafe_split",
 }
 """Ops that only make a view or change metadata (or allocate without touching memory)."""

@@ -95,8 +95,9 @@ def _resolve(
     return best
 
 
-RUNTIME_OPTIONS = frozenset({"dropout", "rank_dropout", "module_dropout", "rank_dropout_scale"})
-"""Options a loaded network may be given: they change training, not the file's meaning."""
+RUNTIME_OPTIONS = frozenset({"dropout", "rank_dropout", "module_dropout", "rank_dropout_scale", "dtype"})
+"""Options a loaded network may be given: they change training (or the parameters' dtype), not
+the file's meaning."""
 
 
 def _load_options(cls: type, config: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
@@ -220,7 +221,8 @@ def load_network(
     any key that does not fit raises a typed error naming it, with `strict=False` the rest loads
     and `network.load_report` lists what was left out. Several networks may stack on one model.
     `options` are training-time settings for the loaded adapters (`dropout`, `rank_dropout`,
-    `module_dropout`, `rank_dropout_scale`) or an algorithm's restorable options (SVDiff's
+    `module_dropout`, `rank_dropout_scale`), `dtype` (the adapter parameters' dtype; default
+    float32, float64 on a float64 host), or an algorithm's restorable options (SVDiff's
     `svd_buffers`), which otherwise come from our metadata.
     """
     tensors, metadata = read_safetensors(path)

@@ -19,9 +19,12 @@ from .errors import ConfigError, MergeError, OverlapError, format_keys
 from .formats.container import data_hash, write_safetensors
 from .formats.metadata import build_metadata
 from .formats.naming import default_prefix, module_name
-from .injection import attach, attached_adapters, detach
-from .modules import AdapterModule, get_algorithm
-from .modules.base import FORWARD_MODES, MERGE_STACK, adapted_parameters, check_dim, merge_stack
+from .injection import MergeRecord, attach, attached_adapters, detach, dispatch_of, merges_of, require_pristine
+from .modules import AdapterModule
+from .modules.compose import adapted_parameters
+from .modules.files import check_dim
+from .modules.registry import class_for, resolve
+from .plan import FORWARD_MODES
 from .presets import load_preset, resolve_overrides, select, candidates
 
 ModelLike = nn.Module | Mapping[str, nn.Module]
@@ -43,6 +46,14 @@ class Entry(NamedTuple):
 class _Backup(NamedTuple):
     target: Tensor
     original: Tensor
+
+
+class _Merged(NamedTuple):
+    """One merged layer: the tensors written, their originals, and the host's merge record."""
+
+    adapter: AdapterModule
+    backups: list[_Backup]
+    record: MergeRecord
 
 
 def normalize_models(model: ModelLike) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -76,7 +87,7 @@ class AdapterNetwork(nn.Module):
         self._entries: list[Entry] = []
         self.config: dict[str, Any] = dict(config)
         self.load_report: Any = None
-        self._backups: list[_Backup] | None = None
+        self._merged: list[_Merged] | None = None
         self._folded = False
         self._multiplier = 1.0
         for entry in entries:
@@ -107,12 +118,17 @@ class AdapterNetwork(nn.Module):
         return dict(self._models)
 
     @property
+    def prefixes(self) -> dict[str, str]:
+        """Model key → the file prefix its module names start with."""
+        return dict(self._prefixes)
+
+    @property
     def multiplier(self) -> float:
         return self._multiplier
 
     @property
     def merged(self) -> bool:
-        return self._backups is not None
+        return self._merged is not None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -133,22 +149,41 @@ class AdapterNetwork(nn.Module):
             raise ConfigError(f"multiplier must be finite, got {multiplier!r}")
         for adapter in self:
             adapter.multiplier.fill_(m)
+            adapter.multiplier_value = m
+            adapter.settings_changed()
         self._multiplier = m
 
     def enable(self) -> None:
-        for adapter in self:
-            adapter.enabled = True
+        self._set_all("enabled", True)
 
     def disable(self) -> None:
-        for adapter in self:
-            adapter.enabled = False
+        self._set_all("enabled", False)
 
     def set_forward_mode(self, mode: str) -> None:
         """`auto` (cost model per layer and call), `rebuild` (one op on W + m·ΔW) or `bypass`."""
         if mode not in FORWARD_MODES:
             raise ConfigError(f"forward_mode must be one of {FORWARD_MODES}, got {mode!r}")
+        self._set_all("forward_mode", mode)
+
+    def set_dropout(self, dropout: float | None = None, rank_dropout: float | None = None,
+                    module_dropout: float | None = None) -> None:
+        """Change the training-time dropout probabilities of every adapter (None: keep)."""
+        changes = {k: v for k, v in (("dropout", dropout), ("rank_dropout", rank_dropout),
+                                     ("module_dropout", module_dropout)) if v is not None}
+        for name, p in changes.items():
+            try:
+                value = float(p)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a number in [0, 1), got {p!r}") from None
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {p!r}")
+            self._set_all(name, value)
+
+    def _set_all(self, name: str, value: Any) -> None:
+        """Set an adapter setting on every adapter and replan their layers' forwards."""
         for adapter in self:
-            adapter.forward_mode = mode
+            setattr(adapter, name, value)
+            adapter.settings_changed()
 
     def attach(self) -> None:
         """Inject the adapters into their host layers (`create_network` and `load_network` do this)."""
@@ -181,7 +216,7 @@ class AdapterNetwork(nn.Module):
     # ------------------------------------------------------------------ merge / unmerge / bake
 
     def _merged_weight(
-        self, adapter: AdapterModule, multiplier: Tensor | None, inplace: bool = False
+        self, adapter: AdapterModule, multiplier: float, inplace: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         weight, bias = adapted_parameters(adapter.host, [adapter], [multiplier], inplace=inplace)
         if bias is not None and not adapter.changes_bias:
@@ -189,10 +224,22 @@ class AdapterNetwork(nn.Module):
         return weight.detach(), None if bias is None else bias.detach()
 
     @staticmethod
-    def _merge_multiplier(adapter: AdapterModule, multiplier: float | None) -> Tensor | None:
-        """The multiplier a merge applies; None when it is exactly 1 (no full-size multiply)."""
-        m = adapter.multiplier if multiplier is None else torch.full_like(adapter.multiplier, float(multiplier))
-        return None if bool((m == 1).all()) else m
+    def _merge_multiplier(adapter: AdapterModule, multiplier: float | None) -> float:
+        """The multiplier a merge applies: the adapter's own, or the one given."""
+        if multiplier is None:
+            return adapter.multiplier_value
+        try:
+            m = float(multiplier)
+        except (TypeError, ValueError):
+            raise ConfigError(f"multiplier must be a number, got {multiplier!r}") from None
+        if not math.isfinite(m):
+            raise ConfigError(f"multiplier must be finite, got {multiplier!r}")
+        return m
+
+    @staticmethod
+    def _require_pristine(adapter: AdapterModule, what: str) -> None:
+        """An adapter that reads its ΔW from the host weight needs a host nobody merged into."""
+        require_pristine(adapter, merges_of(adapter.host.module), what)
 
     @staticmethod
     def _any_non_finite(news: Iterable[Tensor | None], olds: Iterable[Tensor | None]) -> bool:
@@ -227,69 +274,64 @@ class AdapterNetwork(nn.Module):
         self._require_unfolded("merge()")
         if self.merged:
             raise MergeError("this network is already merged; unmerge() first")
-        backups: list[_Backup] = []
+        multipliers = [self._merge_multiplier(a, multiplier) for a in self]
+        for adapter in self:
+            self._require_pristine(adapter, "merge()")
+        done: list[_Merged] = []
         bad: list[str] = []
         try:
-            for entry in self._entries:
+            for entry, m in zip(self._entries, multipliers):
                 adapter, host = entry.adapter, entry.adapter.host
-                m = self._merge_multiplier(adapter, multiplier)
                 if bad:  # a layer failed: check the rest, write nothing
                     weight, bias = self._merged_weight(adapter, m)
                     if self._any_non_finite((weight, bias), (host.weight, host.bias)):
                         bad.append(entry.full_path)
                     continue
-                written = self._merge_in_place(adapter, m)
-                if self._any_non_finite([b.target for b in written], [b.original for b in written]):
+                merged = self._merge_in_place(adapter, m)
+                if self._any_non_finite([b.target for b in merged.backups], [b.original for b in merged.backups]):
                     bad.append(entry.full_path)
-                    self._restore(written)
+                    self._restore([merged])
                 else:
-                    backups += written
+                    done.append(merged)
             if bad:
                 raise MergeError(f"merging would create NaN/Inf in {format_keys(bad)}; no weight was changed")
         except BaseException:
-            self._restore(backups)
+            self._restore(done)
             raise
-        for adapter in self:
-            adapter.merged = True
-        self._backups = backups
+        self._merged = done
+        self._set_all("merged", True)
 
-    def _merge_in_place(self, adapter: AdapterModule, multiplier: Tensor | None) -> list[_Backup]:
-        """Back up the tensors `adapter` changes, write the merged values into them and push their
-        merge-stack entries. Returns the backups (`_restore` undoes it all)."""
+    def _merge_in_place(self, adapter: AdapterModule, multiplier: float) -> _Merged:
+        """Back up the tensors `adapter` changes, write the merged values into them and push a
+        merge record on the host (`_restore` undoes it all)."""
         host = adapter.host
         targets = [host.weight] + ([host.bias] if host.bias is not None and adapter.changes_bias else [])
-        written = [_Backup(t, t.detach().clone()) for t in targets]
+        backups = [_Backup(t, t.detach().clone()) for t in targets]
         try:
             weight, bias = self._merged_weight(adapter, multiplier, inplace=True)
-            for backup, new in zip(written, (weight, bias)):
+            for backup, new in zip(backups, (weight, bias)):
                 if new.data_ptr() != backup.target.data_ptr():  # not written in place (a cast, SaRA)
                     backup.target.copy_(new)
         except BaseException:
-            for backup in written:
-                self._put_back(backup)
+            for backup in backups:
+                backup.target.copy_(backup.original)
             raise
-        for backup in written:
-            merge_stack(backup.target).append([id(self), backup.target._version])
-        return written
+        record = MergeRecord(id(self), [(b.target, b.target._version) for b in backups])
+        dispatch_of(host.module).merges.append(record)
+        return _Merged(adapter, backups, record)
 
     @staticmethod
-    def _put_back(backup: _Backup) -> None:
-        """Write an original back; the weight is then again exactly what the merge below it on the
-        merge stack (if any) wrote, so that entry's version is refreshed."""
-        backup.target.copy_(backup.original)
-        stack = backup.target.__dict__.get(MERGE_STACK)
-        if stack:
-            stack[-1][1] = backup.target._version
-
-    @classmethod
-    def _restore(cls, backups: list[_Backup]) -> None:
-        """Pop the backups' merge-stack entries and write the originals back, newest first."""
-        for backup in reversed(backups):
-            stack = merge_stack(backup.target)
-            stack.pop()
-            if not stack:
-                del backup.target.__dict__[MERGE_STACK]
-            cls._put_back(backup)
+    def _restore(merged: list[_Merged]) -> None:
+        """Write the originals back newest first and pop the merge records; the weights are then
+        again exactly what the merge below (if any) wrote, so its record is refreshed."""
+        for layer in reversed(merged):
+            for backup in layer.backups:
+                backup.target.copy_(backup.original)
+            records = merges_of(layer.adapter.host.module)
+            if layer.record in records:
+                records.remove(layer.record)
+            if records:
+                records[-1].refresh()
 
     @torch.no_grad()
     def fold(self, multiplier: float | None = None) -> None:
@@ -301,9 +343,11 @@ class AdapterNetwork(nn.Module):
         can still be saved, but not attached, merged or baked again."""
         self._require_local("fold()")
         self._require_unfolded("fold()")
+        multipliers = [self._merge_multiplier(e.adapter, multiplier) for e in self._entries]
         if self.merged:
             self.unmerge()
-        multipliers = [self._merge_multiplier(e.adapter, multiplier) for e in self._entries]
+        for adapter in self:
+            self._require_pristine(adapter, "fold()")
         bad = []
         for entry, m in zip(self._entries, multipliers):
             host = entry.adapter.host
@@ -323,18 +367,18 @@ class AdapterNetwork(nn.Module):
     def unmerge(self) -> None:
         """Restore the exact pre-merge weights. Refuses if they changed since (a later merge of
         another network that is still merged, or an optimizer step) — unmerge in reverse order."""
-        if self._backups is None:
+        if self._merged is None:
             raise MergeError("this network is not merged")
-        changed = [b for b in self._backups if merge_stack(b.target)[-1:] != [[id(self), b.target._version]]]
+        changed = [m.record for m in self._merged
+                   if merges_of(m.adapter.host.module)[-1:] != [m.record] or not m.record.intact()]
         if changed:
             raise MergeError(
                 f"{len(changed)} merged weights changed after this merge (another network merged later, "
                 "or the weights were trained); unmerge networks in reverse order of merging"
             )
-        self._restore(self._backups)
-        for adapter in self:
-            adapter.merged = False
-        self._backups = None
+        self._restore(self._merged)
+        self._merged = None
+        self._set_all("merged", False)
 
     @torch.no_grad()
     def bake(self, key: str | None = None) -> dict[str, Tensor]:
@@ -353,7 +397,8 @@ class AdapterNetwork(nn.Module):
         for entry in self._entries:
             if entry.key != key:
                 continue
-            weight, bias = self._merged_weight(entry.adapter, entry.adapter.multiplier)
+            self._require_pristine(entry.adapter, "bake()")
+            weight, bias = self._merged_weight(entry.adapter, entry.adapter.multiplier_value)
             stem = f"{entry.path}." if entry.path else ""
             state[stem + "weight"] = weight
             if bias is not None:
@@ -409,7 +454,7 @@ class AdapterNetwork(nn.Module):
 
 
 def _check_options(algo: str, options: Mapping[str, Any], where: str) -> None:
-    allowed = get_algorithm(algo).option_names()
+    allowed = resolve(algo)[0].option_names()
     unknown = set(options) - allowed
     if unknown:
         hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, allowed, 1)) else repr(u) for u in sorted(unknown)]
@@ -464,7 +509,8 @@ def create_network(
     Every bad argument raises `ConfigError` before the model is touched.
     """
     models, prefixes = normalize_models(model)
-    get_algorithm(algo)
+    cls, implied = resolve(algo)
+    algo_options = {**implied, **algo_options}
     _check_options(algo, algo_options, "create_network")
     dim = check_dim(dim)
     conv_dim = dim if conv_dim is None else check_dim(conv_dim, "conv_dim")
@@ -475,7 +521,7 @@ def create_network(
     if not math.isfinite(float(multiplier)):
         raise ConfigError(f"multiplier must be finite, got {multiplier!r}")
     resolved = load_preset(preset)
-    chosen = select(candidates(models, get_algorithm(algo).kinds_for(algo_options)), resolved, targets, exclude)
+    chosen = select(candidates(models, cls.kinds_for(algo_options)), resolved, targets, exclude)
     per_layer = resolve_overrides(chosen, {**resolved.overrides, **(overrides or {})}, resolved.class_overrides)
 
     entries = []
@@ -487,26 +533,28 @@ def create_network(
             "alpha": conv_alpha if wide_conv else alpha,
             **algo_options,
         }
-        override = per_layer.get(cand.full_path, {})
+        override = dict(per_layer.get(cand.full_path, {}))
         if "algo" in override and override["algo"] != algo:
-            settings = {k: v for k, v in settings.items() if k in ("dim", "alpha")}
+            settings = {k: v for k, v in settings.items() if k in ("dim", "alpha", "dtype")}
+            settings.update(resolve(override["algo"])[1])
         settings.update(override)
         layer_algo = settings.pop("algo")
         layer_dim = check_dim(settings.pop("dim"), f"dim for {cand.full_path}")
         layer_alpha = _check_alpha(settings.pop("alpha"), f"alpha for {cand.full_path}")
         _check_options(layer_algo, settings, f"override for {cand.full_path}")
-        adapter = get_algorithm(layer_algo)(cand.host, layer_dim, layer_alpha, **settings)
+        layer_cls = class_for(resolve(layer_algo)[0], settings)
+        adapter = layer_cls(cand.host, layer_dim, layer_alpha, **settings)
         entries.append(Entry(cand.key, cand.path, adapter))
     check_overlap(entries, stack)
 
     config = {
-        "algo": get_algorithm(algo).algo,
+        "algo": cls.algo,
         "dim": dim,
         "alpha": alpha if alpha else dim,
         "conv_dim": conv_dim,
         "conv_alpha": conv_alpha if conv_alpha else conv_dim,
         "preset": resolved.name,
-        **algo_options,
+        **{k: v for k, v in algo_options.items() if k != "dtype"},
     }
     if overrides:
         config["overrides"] = {k: dict(v) for k, v in overrides.items()}

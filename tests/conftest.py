@@ -125,6 +125,30 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
+NONLINEAR_MULTIPLIER = frozenset({"svdiff"})
+"""Algorithms whose multiplier is not a plain factor of ΔW (SVDiff: inside a ReLU)."""
+
+
+def linear_in_multiplier(variant: tuple[str, dict]) -> bool:
+    """`variant` as the matrix passes it: (algorithm, options)."""
+    return variant[0] not in NONLINEAR_MULTIPLIER
+
+
+def fast(adapter, x: torch.Tensor) -> bool:
+    """Whether the planner sends this call through the adapter's fast path (not the rebuild)."""
+    from lycoris_like.plan import choose_path
+
+    return choose_path(adapter, x) != "rebuild"
+
+
+def has_fast_path(adapter) -> bool:
+    """Whether the adapter has a fast path for its host now (training flags as they are)."""
+    from lycoris_like.modules import FastPath
+    from lycoris_like.plan import adapter_train
+
+    return isinstance(adapter, FastPath) and adapter.fast_path(adapter_train(adapter)) is not None
+
+
 def make_host(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A host layer wrapped in a Sequential (so it has a path) and an input for it."""
     factory, shape = HOSTS[name]

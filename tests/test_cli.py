@@ -156,7 +156,7 @@ def test_resize(runs, files):
     want = resize(files["a"], rule=RankRule(rank=2)).tensors
     got = load_file(files["dir"] / "resized.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
-    refused(runs, "resize-bad", files, "bad-resize.safetensors", "resize changes LoRA/LoCon ranks", "loha")
+    refused(runs, "resize-bad", files, "bad-resize.safetensors", "resize changes the rank of factored adapters", "loha")
 
 
 def test_convert(runs, files):

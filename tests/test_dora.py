@@ -11,7 +11,7 @@ from torch import nn
 
 from lycoris_like import ShapeMismatchError, create_network, load_network
 
-from conftest import HOSTS, bits, make_host, randomize, reference_op
+from conftest import HOSTS, bits, fast, has_fast_path, make_host, randomize, reference_op
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 NO_PADDING_MODE = sorted(set(HOSTS) - {"conv2d-reflect", "conv2d-circular"})
@@ -60,7 +60,8 @@ def test_dora_matches_the_formula_and_is_identity_at_init(host_name, on_out):
     weight = model[0].weight
     expected = naive_dora(weight, lora_delta(adapter), adapter.dora_scale, on_out)
     torch.testing.assert_close(weight + adapter.delta_weight(), expected, rtol=1e-12, atol=1e-12)
-    assert adapter.can_bypass == (on_out and adapter.has_bypass)  # output axis: W′ = s ⊙ (W + ΔW) scales output channels
+    # output axis: W′ = s ⊙ (W + ΔW) scales output channels; LoRA's bypass exists on ungrouped hosts
+    assert has_fast_path(adapter) == (on_out and getattr(model[0], "groups", 1) == 1)
 
 
 @pytest.mark.parametrize("algo, options", [("lora", {}), ("lora", {"use_scalar": True}), ("lokr", {"factor": 2})])
@@ -79,7 +80,7 @@ def test_output_axis_bypass_equals_the_rebuild_in_value_and_gradient(host_name, 
         perturb_magnitude(net, seed=5)
         net.set_multiplier(0.7)
         adapter = net.adapters["0"]
-        assert adapter.use_bypass(x) == (mode == "bypass" and adapter.has_bypass)
+        assert fast(adapter, x) == (mode == "bypass" and has_fast_path(adapter))
         x = x.clone().requires_grad_(True)
         y = model(x)
         if algo == "lora":  # the independent reference: the naive formula through the naive op

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from torch import nn
 
 from lycoris_like import create_network, load_network
 

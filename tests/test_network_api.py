@@ -160,17 +160,17 @@ def test_a_new_algorithm_is_one_small_class():
             super().__init__(host, **common)
             self.shift = nn.Parameter(torch.zeros(host.out_features, **self.factory()))
 
-        def adapter_delta(self, train=False):
+        def delta_weight(self, train=False):
             return torch.zeros_like(self.host.weight, dtype=self.param_dtype)
 
         def delta_bias(self):
             return self.shift
 
-        def adapter_tensors(self):
+        def file_tensors(self):
             return {"shift": self.shift.detach()}
 
         @classmethod
-        def adapter_from_tensors(cls, host, tensors, name, **options):
+        def from_file_tensors(cls, host, tensors, name, **options):
             module = cls(host, **options)
             module.shift.data.copy_(tensors["shift"])
             return module

@@ -145,7 +145,7 @@ def test_weights_are_restored_when_the_op_or_a_patch_raises():
     def fails(old):
         raise ValueError("boom")
 
-    patches = adapter.entry_patches(None) + [(1, adapter.sparse_bias.index, fails, None)]
+    patches = adapter.entry_patches(1.0) + [(1, adapter.sparse_bias.index, fails, None)]
     with pytest.raises(ValueError, match="boom"):  # the weight patch was written before the bias one failed
         patched_op(x, (module.weight, module.bias), patches, adapter.host.op, adapter.host.op_grads, adapter.host.weight_grad_at, [])
     assert torch.equal(bits(module.weight), weight) and torch.equal(bits(module.bias), bias)
@@ -230,7 +230,7 @@ def test_fallbacks_rebuild_and_stay_correct(monkeypatch):
     net.train()
     model(x).sum().backward()
     assert calls == [1]  # asked, and it declined: a keep-mask per call
-    assert SaRA.entry_patches(net.adapters["0"], None, train=True) is None
+    assert SaRA.entry_patches(net.adapters["0"], 1.0, train=True) is None
 
     calls.clear()
     model, x, net = sara_host("linear")

@@ -8,7 +8,7 @@ bias, batched or not), the dtype and the adapter's values, and checks
   bypass forward agrees to float tolerance;
 - unmerge restores the host weight bit-exactly after 100 merge/unmerge cycles in bf16/fp16/fp32;
 - save → load reproduces the file tensors and both forwards bit-exactly;
-- multiplier: m = 0 is the base exactly; linear algorithms (`linear_in_multiplier`) scale linearly;
+- multiplier: m = 0 is the base exactly; linear algorithms (all but `NONLINEAR_MULTIPLIER`) scale linearly;
 - fp16 merges compute in fp32: they succeed, within one fp16 ulp of the fp64 result, wherever the
   final weight is finite, and refuse (`MergeError`, every weight left bit-identical) wherever it is not.
 
@@ -35,7 +35,7 @@ from torch import nn
 
 from lycoris_like import MergeError, create_network, get_algorithm, load_network
 
-from conftest import bits, randomize, search_settings
+from conftest import NONLINEAR_MULTIPLIER, bits, randomize, search_settings
 from test_hostile_files import all_variants
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -265,7 +265,7 @@ def test_multiplier_zero_is_the_base_and_linear_algorithms_scale_linearly(case, 
         one = outputs(model, x) - base
         net.set_multiplier(0.0)
         assert torch.equal(outputs(model, x), base), mode
-        if net.adapters["0"].linear_in_multiplier:
+        if case.algo not in NONLINEAR_MULTIPLIER:
             net.set_multiplier(m)
             torch.testing.assert_close(outputs(model, x) - base, m * one, rtol=1e-9, atol=1e-9 * max(1.0, float(one.abs().max())))
 
@@ -273,15 +273,23 @@ def test_multiplier_zero_is_the_base_and_linear_algorithms_scale_linearly(case, 
 # ----------------------------------------------------------------------------- fp16 range
 
 
+def delta_at(adapter, multiplier: float) -> torch.Tensor:
+    """ΔW(m) in float64: m·ΔW for linear algorithms; SVDiff's own rule (m inside its ReLU) else."""
+    with torch.no_grad():
+        if adapter.algo in NONLINEAR_MULTIPLIER:
+            zero = torch.zeros(adapter.host.weight.shape, dtype=torch.float64)
+            return adapter.add_delta(zero, multiplier)
+        return multiplier * adapter.delta_weight().double()
+
+
 def reference_merge(adapter, multiplier: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W + m·ΔW (and b + m·Δb) in float64, for comparison with the fp32-computed merge."""
-    m = torch.full_like(adapter.multiplier, multiplier)
     host = adapter.host
-    weight = host.weight.detach().double() + adapter.scaled_delta(m).detach().double()
+    weight = host.weight.detach().double() + delta_at(adapter, multiplier)
     bias = None
-    delta_b = adapter.scaled_delta_bias(m)
+    delta_b = adapter.delta_bias()
     if host.bias is not None and delta_b is not None:
-        bias = host.bias.detach().double() + delta_b.detach().double()
+        bias = host.bias.detach().double() + multiplier * delta_b.detach().double()
     return weight, bias
 
 
@@ -308,7 +316,7 @@ def test_fp16_merges_never_overflow_where_the_result_is_finite_and_refuse_where_
         w = w / max(float(w.abs().max()), 1e-3) * weight_scale
         if cancel:  # a weight that cancels most of ΔW, so W + ΔW is finite although ΔW is not in fp16
             host.weight.copy_(w.to(torch.float16))
-            delta = adapter.scaled_delta(torch.full_like(adapter.multiplier, multiplier)).double()
+            delta = delta_at(adapter, multiplier)
             w = (-0.7 * delta).clamp(-65000, 65000)
         host.weight.copy_(w.to(torch.float16))
     weight, bias = reference_merge(adapter, multiplier)
@@ -337,7 +345,7 @@ def _overflowing_but_finite(net, host_weight_scale: float = 3e4) -> bool:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         randomize(net, std=0.3, seed=1)
-        if adapter.dora_scale is not None:
+        if getattr(adapter, "dora_scale", None) is not None:
             # DoRA: W' = m·(W + ΔV)/‖W + ΔV‖. A negative magnitude m = −½‖W‖ gives W' ≈ −½W, ΔW ≈ −1.5W.
             host.weight.copy_((torch.rand(host.weight.shape, generator=g) * 2e4 + 4e4).to(host.weight.dtype))
             for name, p in net.named_parameters():

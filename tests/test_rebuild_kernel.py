@@ -7,7 +7,7 @@ import torch
 
 from lycoris_like import UnsupportedLayerError, create_network
 from lycoris_like.kernels.rebuild import rebuilt_op
-from lycoris_like.modules.base import adapted_parameters
+from lycoris_like.modules.compose import adapted_parameters
 
 from conftest import VARIANTS, make_host, make_unet, randomize, unet_inputs
 
@@ -28,7 +28,7 @@ def test_recomputed_rebuild_matches_plain_autograd(host_name, variant):
     params = list(net.parameters()) + list(model.parameters())
 
     def build():
-        return adapted_parameters(host, [adapter], [adapter.multiplier], train=True)
+        return adapted_parameters(host, [adapter], [adapter.multiplier_value], [True])
 
     torch.manual_seed(3)
     y = rebuilt_op(x, build, host.op, host.op_grads, params)

@@ -17,9 +17,9 @@ from torch import nn
 import lycoris_like.modules.sara  # noqa: F401  (registers "sara")
 from lycoris_like import ConfigError, CorruptFileError, IncompatibleFileError, MergeError, create_network, load_network
 from lycoris_like.formats.container import read_safetensors, write_safetensors
-from lycoris_like.formats.sara_official import export_diff, load_official, save_diff
+from lycoris_like.interop import export_diff, load_official, save_diff
 from lycoris_like.kernels.sparse import NuclearNorm, rounded_difference
-from lycoris_like.modules.base import adapted_parameters
+from lycoris_like.modules.compose import adapted_parameters
 from lycoris_like.modules.sara import SaRA
 from lycoris_like.training import (
     SaRARankLoss,
@@ -229,7 +229,7 @@ def test_options_and_learning_rate():
         adapter.sparse_weight.values.add_(1.0)
     acc = model[0].weight.detach().double()
     torch.manual_seed(0)
-    trained = adapter.update_weight(acc, adapter.multiplier, train=True)
+    trained = adapter.add_delta(acc, 1.0, train=True)
     torch.manual_seed(0)
     keep = (torch.rand(adapter.sparse_weight.values.numel()) >= 0.5).double()
     index = adapter.sparse_weight.index.long()
@@ -497,7 +497,7 @@ def test_multiplier_scales_delta_and_merges_are_exact(dtype):
     for m in (0.0, 1.0, 0.5, -0.7, 2.0, 0.3):
         net.set_multiplier(m)
         w = net.bake()["0.weight"]
-        m = Fraction(float(torch.tensor(m, dtype=torch.float32)))  # the multiplier is a float32 tensor
+        m = Fraction(float(torch.tensor(m, dtype=torch.float32)))  # SaRA takes the multiplier as a float32 value
         expected = correctly_rounded([a + m * (b - a) for a, b in zip(p0, v)], dtype)  # P₀ + m·ΔP, rounded once
         assert torch.equal(bits(w[mask]), bits(expected)), float(m)
         assert torch.equal(bits(w[~mask]), bits(base_w[~mask]))
@@ -529,7 +529,7 @@ def test_several_sara_networks_add_and_unmerge_in_reverse_order():
     first.set_multiplier(m1)
     second.set_multiplier(m2)
     exact = (base.double() + m1 * a1.sparse_weight.delta(torch.float64) + m2 * a2.sparse_weight.delta(torch.float64)).float()
-    stacked, _ = adapted_parameters(a1.host, [a1, a2], [a1.multiplier, a2.multiplier])
+    stacked, _ = adapted_parameters(a1.host, [a1, a2], [a1.multiplier_value, a2.multiplier_value])
     assert torch.equal(bits(stacked), bits(exact))  # Σ αᵢΔPᵢ in float64, rounded once
     with torch.no_grad():
         out = model(x)

@@ -27,7 +27,7 @@ from lycoris_like import (
     create_network,
     load_network,
 )
-from lycoris_like.formats.svdiff_pytorch import (
+from lycoris_like.interop import (
     load_svdiff_pytorch,
     network_from_svdiff_pytorch,
     save_svdiff_pytorch,
@@ -37,7 +37,7 @@ from lycoris_like.injection import dispatch_of
 from lycoris_like.kernels.spectral import combine_shifts, interpolate_shifts
 from lycoris_like.modules import get_algorithm
 
-from conftest import HOSTS, bits, make_host, reference_op
+from conftest import HOSTS, bits, fast, has_fast_path, make_host, reference_op
 
 SVDiff = svdiff_module.SVDiff
 
@@ -155,7 +155,7 @@ def test_delta_matches_naive_float64_svd(name, one_d):
     assert adapter.delta_weight().shape == weight.shape
     torch.testing.assert_close(adapter.delta_weight(), reference(model, adapter, 1.0), rtol=1e-10, atol=1e-12)
     for s in (0.6, -0.8, 2.5):
-        got = adapter.scaled_delta(torch.tensor(s, dtype=torch.float64))
+        got = adapter.delta_at(torch.tensor(s, dtype=torch.float64))
         torch.testing.assert_close(got, reference(model, adapter, s), rtol=1e-10, atol=1e-12)
     expected = op(model[0], x, weight + reference(model, adapter, 0.6))
     assert not torch.allclose(expected, base)
@@ -173,7 +173,7 @@ def test_scalar_norm_shift_is_svdiff_pytorch_rule():
     for s in (1.0, 0.5, 3.0):  # s = 3: ‖γ‖ − 1.2‖γ‖ < 0 clips, γ' = 0
         norm = gamma.norm()
         expected = torch.clamp(norm - s * 0.4 * norm, min=0) * gamma / norm - gamma
-        torch.testing.assert_close(adapter.scaled_delta(torch.tensor(s, dtype=torch.float64)), expected,
+        torch.testing.assert_close(adapter.delta_at(torch.tensor(s, dtype=torch.float64)), expected,
                                    rtol=1e-12, atol=1e-12)
 
 
@@ -190,7 +190,7 @@ def test_every_buffer_layout_on_float32_hosts(name, buffers):
     if buffers in ("lean", "compact"):
         assert set(kept) == {"S", "small"}
         assert set(kept.values()) == {torch.float64 if buffers == "lean" else torch.float32}
-        assert adapter.has_bypass == (buffers == "compact")
+        assert has_fast_path(adapter) == (buffers == "compact")
     else:
         assert set(kept) == {"S", "U", "Vh"}
         assert set(kept.values()) == {torch.float32 if buffers == "float32" else torch.float64}
@@ -307,9 +307,8 @@ def test_svd_runs_on_the_tall_orientation(monkeypatch):
 @pytest.mark.parametrize("name", ["linear", "conv2d-k3", "embedding", "layernorm"])
 def test_multiplier_sits_inside_the_relu(name):
     model, x, base, net, adapter = make(name)
-    assert not SVDiff.linear_in_multiplier
     one = adapter.delta_weight()
-    half = adapter.scaled_delta(torch.tensor(0.5, dtype=torch.float64))
+    half = adapter.delta_at(torch.tensor(0.5, dtype=torch.float64))
     torch.testing.assert_close(half, reference(model, adapter, 0.5), rtol=1e-10, atol=1e-12)
     assert (half - 0.5 * one).abs().max() > 1e-3 * one.abs().max()  # not a linear scaling: some σ + sδ clip
     for mode in ("rebuild", "bypass"):
@@ -320,7 +319,7 @@ def test_multiplier_sits_inside_the_relu(name):
         torch.testing.assert_close(model(x), op(model[0], x, model[0].weight + reference(model, adapter, 0.5)),
                                    rtol=1e-10, atol=1e-10)
     net.set_multiplier(0.0)
-    assert torch.equal(adapter.scaled_delta(adapter.multiplier), torch.zeros_like(one))
+    assert torch.equal(adapter.delta_at(adapter.multiplier), torch.zeros_like(one))
     with torch.no_grad():
         net.merge()
     assert torch.equal(model(x), base)
@@ -399,7 +398,7 @@ def test_bypass_equals_rebuild_forward_and_gradients(name, buffers):
     results = {}
     for mode in ("rebuild", "bypass"):
         net.set_forward_mode(mode)
-        assert adapter.use_bypass(x) == (mode == "bypass")
+        assert fast(adapter, x) == (mode == "bypass")
         net.zero_grad()
         out = model(x)
         (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).square().sum().backward()
@@ -428,7 +427,7 @@ def test_compact_forward_and_every_gradient_against_the_naive_formula(name):
     """compact goes through the host's own output ("out", "emb") or input ("in"); forward, ∇x and ∇δ
     equal op(x, W + U·diag(ReLU(σ + s·δ) − σ)·Vh) from a float64 SVD written here."""
     model, x, base, net, adapter = make(name, multiplier=0.7)
-    assert adapter.side == COMPACT_SIDES[name] and adapter.has_bypass == (adapter.side is not None)
+    assert adapter.side == COMPACT_SIDES[name] and has_fast_path(adapter) == (adapter.side is not None)
     model.requires_grad_(False)
     layer, weight = model[0], model[0].weight.detach()
     u, sigma, vh = naive_svd(weight)
@@ -478,7 +477,7 @@ def test_compact_keeps_near_zero_singular_vectors_explicitly(shape):
         expected = op(model[0], x, model[0].weight.double() + delta)
         for mode in ("bypass", "rebuild"):
             net.set_forward_mode(mode)
-            assert adapter.use_bypass(x.to(dtype)) == (mode == "bypass" and adapter.side is not None)
+            assert fast(adapter, x.to(dtype)) == (mode == "bypass" and adapter.side is not None)
             out = model(x.to(dtype))
             assert torch.isfinite(out).all()
             torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
@@ -523,7 +522,7 @@ def test_compact_input_side_shares_the_host_with_other_networks(other, monkeypat
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9), dtype=p.dtype) * 0.1)
     calls = []
     real = type(adapter).input_map
-    monkeypatch.setattr(type(adapter), "input_map", lambda self, x: calls.append(self) or real(self, x))
+    monkeypatch.setattr(type(adapter), "input_map", lambda self, x, *a: calls.append(self) or real(self, x, *a))
     for network in (net, second):
         network.set_forward_mode("bypass")
     layer = model[0]
@@ -552,17 +551,17 @@ def test_cost_model_picks_the_cheaper_path():
     assert adapter.rebuild_flops() == 80 * 48 * 48
     assert adapter.bypass_flops(10) == 10 * 48 * (48 + 80 + 1)
     with torch.no_grad():
-        assert adapter.use_bypass(torch.randn(29, 48))  # 29·6192 < 184320
-        assert not adapter.use_bypass(torch.randn(30, 48))
+        assert fast(adapter, torch.randn(29, 48))  # 29·6192 < 184320
+        assert not fast(adapter, torch.randn(30, 48))
     # Training: 3 passes of the bypass against the rebuild plus the full weight gradient (48·80 a token).
-    assert adapter.use_bypass(torch.randn(12, 48))  # 3·12·6192 < 184320 + 12·3840
-    assert not adapter.use_bypass(torch.randn(13, 48))
+    assert fast(adapter, torch.randn(12, 48))  # 3·12·6192 < 184320 + 12·3840
+    assert not fast(adapter, torch.randn(13, 48))
     model, x, base, net, adapter = make("conv2d-k3", torch.float32, svd_buffers="float32")
     assert adapter.rebuild_flops() == 20 * 108 * 20 and adapter.bypass_flops(7) == 7 * 20 * (108 + 20 + 1)
     model, x, base, net, adapter = make("embedding", torch.float32, svd_buffers="float32")  # rows of U: cheap
     assert adapter.bypass_flops(14) == 14 * 12 * 13 and adapter.rebuild_flops() == 40 * 12 * 12
     with torch.no_grad():
-        assert adapter.use_bypass(x)
+        assert fast(adapter, x)
     # compact: two matmuls with the small factor per token (Linear 48 → 80 is tall: Vh, 48 × 48, on
     # the input; the 20 × 108 conv is wide: U, 20 × 20, on the output); a rebuild forms the r × r
     # map Vhᵀ·diag(g/σ)·Vh first, then W times it.
@@ -570,7 +569,7 @@ def test_cost_model_picks_the_cheaper_path():
     assert adapter.side == "in" and adapter.bypass_flops(10) == 10 * 2 * 48 * 48
     assert adapter.rebuild_flops() == 80 * 48 * 48 + 48**3
     with torch.no_grad():  # t·2·48² < 128·48²: t < 64
-        assert adapter.use_bypass(torch.randn(63, 48)) and not adapter.use_bypass(torch.randn(64, 48))
+        assert fast(adapter, torch.randn(63, 48)) and not fast(adapter, torch.randn(64, 48))
     model, x, base, net, adapter = make("conv2d-k3", torch.float32)
     assert adapter.side == "out" and adapter.bypass_flops(7) == 7 * 2 * 20 * 20
     model, x, base, net, adapter = make("embedding", torch.float32)
@@ -579,7 +578,7 @@ def test_cost_model_picks_the_cheaper_path():
                           ("linear", {"svd_buffers": "lean"}), ("conv2d-groups2", {"svd_buffers": "float32"})):
         model, x, base, net, adapter = make(name, torch.float32, **options)
         net.set_forward_mode("bypass")
-        assert not adapter.can_bypass and not adapter.use_bypass(x)
+        assert not has_fast_path(adapter) and not fast(adapter, x)
 
 
 def test_identity_at_init_is_exact():
@@ -620,7 +619,7 @@ def test_rank_dropout_drops_whole_singular_components_in_training_only():
     net.train()
     model.train()
     torch.manual_seed(0)
-    dropped = adapter.train_delta_weight()
+    dropped = adapter.delta_weight(True)
     torch.manual_seed(0)
     keep = (torch.rand(adapter.rank) >= 0.5).double()
     assert 0 < keep.sum() < adapter.rank
@@ -629,7 +628,7 @@ def test_rank_dropout_drops_whole_singular_components_in_training_only():
     torch.testing.assert_close(dropped, u @ torch.diag(gain) @ vh, rtol=1e-10, atol=1e-12)
     assert torch.equal(adapter.delta_weight(), full)
     model.eval()
-    assert torch.equal(adapter.train_delta_weight(), full)
+    assert torch.equal(adapter.delta_weight(True), full)
 
 
 # --------------------------------------------------------------------- options and learning rates

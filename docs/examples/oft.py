@@ -50,7 +50,7 @@ class OFT(AdapterModule):
         # Parameters in the compute dtype (float32 for fp16/bf16 hosts), on the host's device.
         self.oft_example_blocks = nn.Parameter(torch.zeros(blocks, self.block, self.block, **self.factory()))
 
-    def adapter_delta(self, train: bool = False) -> Tensor:
+    def delta_weight(self, train: bool = False) -> Tensor:
         """ΔW in the host weight's shape: 2(I − Q)⁻¹Q·W per block of output channels."""
         a = self.oft_example_blocks
         q = a - a.transpose(1, 2)
@@ -61,11 +61,11 @@ class OFT(AdapterModule):
 
     # ---------------------------------------------------------------- the file layout
 
-    def adapter_tensors(self) -> dict[str, Tensor]:
+    def file_tensors(self) -> dict[str, Tensor]:
         return {KEY: self.oft_example_blocks.detach()}
 
     @classmethod
-    def adapter_from_tensors(cls, host, tensors: Mapping[str, Tensor], name: str, **options: Any) -> OFT:
+    def from_file_tensors(cls, host, tensors: Mapping[str, Tensor], name: str, **options: Any) -> OFT:
         if KEY not in tensors:
             raise IncompatibleFileError(f"missing {name}.{KEY}", keys=[f"{name}.{KEY}"])
         blocks = tensors[KEY]

@@ -1,16 +1,12 @@
-"""SaRA's official checkpoint (`unet.pt`) in, LyCORIS `diff` files out.
+"""SaRA's official checkpoint (`unet.pt`) → our `sara` file tensors.
 
 The official format (FORMATS.md §6) is a pickled dict `{'threshold': θ, 0: values, 1: …}` whose
 integer keys are positions in `model.parameters()` and whose values are the parameter's entries on
 the mask |P₀| < θ in C order. It is read with `torch.load(weights_only=True)` only — no arbitrary
-unpickling — and mapped to parameter names of the model given, verifying the entry count of every
-tensor against that model's base weights.
-
-`export_diff` / `save_diff` write any network (SaRA, SVDiff, …) as LyCORIS `full` keys —
-`diff`/`diff_b` for Linear/Conv, `w_norm`/`b_norm` for norm layers — which ComfyUI, A1111 and
-LyCORIS apply as W + diff. Each difference is our merged weight minus the base, computed in float64
-and rounded once: a float32 consumer's W + 1·diff reproduces our merge bit-exactly wherever a
-float32 difference can, and within one ulp elsewhere.
+unpickling. `to_ours` maps the positions to the model's parameters, checks every tensor's entry
+count against that model's base weights (naming positions in its errors) and writes our keys —
+values, indices, counts, checksums — which `lycoris_like.interop.load_official` feeds to the one
+loader. A pure translator: it reads the model's structure and weights, and builds nothing.
 """
 
 from __future__ import annotations
@@ -23,12 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._version import __version__
 from ..errors import ConfigError, CorruptFileError, IncompatibleFileError, format_keys
-from ..hosts import NORMS, HostLayer, host_kind
+from ..hosts import LINEAR_AND_CONV, NORMS, compute_dtype, host_kind
 from ..kernels import sparse
-from .container import data_hash, write_safetensors
-from .metadata import build_metadata
+from .naming import module_name
 
 THRESHOLD_KEY = "threshold"
 
@@ -73,34 +67,11 @@ def parse_official(obj: Any, source: str = "SaRA checkpoint") -> tuple[float | N
     return threshold, entries
 
 
-def load_official(
-    model: nn.Module,
-    path: str | os.PathLike | Mapping[Any, Any],
-    *,
-    threshold: float | None = None,
-    multiplier: float = 1.0,
-    stack: bool = True,
-) -> Any:
-    """An attached SaRA network from an official `unet.pt` (or its already-loaded dict).
-
-    Positions are mapped to `model.named_parameters()` (the order `model.parameters()` uses); θ is
-    the file's `threshold`, or `threshold=` when the file has none. Every tensor's entry count must
-    equal the number of this model's entries below θ — a different base, or a float16/bfloat16 copy
-    of it, is refused with an `IncompatibleFileError` naming the entries. Nothing is attached
-    unless every entry fits.
-    """
-    from ..modules.sara import SaRA
-    from ..network import AdapterNetwork, Entry, check_overlap, normalize_models
-
-    if isinstance(path, Mapping):
-        file_theta, entries = parse_official(path)
-        source = "SaRA checkpoint"
-    else:
-        file_theta, entries = read_official(path)
-        source = str(path)
-    theta = resolve_threshold(file_theta, threshold, source)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"load_official needs one torch.nn.Module, got {type(model).__name__}")
+def to_ours(model: nn.Module, entries: Mapping[int, Tensor], theta: float, source: str, prefix: str
+            ) -> dict[str, Tensor]:
+    """Our sara tensors (`<prefix>_<path>.sara_values`, `…sara_indices`, …) for the official
+    `entries` ({position in model.parameters(): values}) at θ, every count checked against the
+    model; typed errors name the positions."""
     named = list(model.named_parameters())
     out_of_range = sorted(k for k in entries if k >= len(named))
     if out_of_range:
@@ -115,40 +86,46 @@ def load_official(
     unsupported = []
     for position, values in sorted(entries.items()):
         name = named[position][0]
-        path_, _, attr = name.rpartition(".")
-        module = modules.get(path_)
+        path, _, attr = name.rpartition(".")
+        module = modules.get(path)
         kind = host_kind(module) if module is not None else None
-        if kind is None or attr not in ("weight", "bias") or kind not in SaRA.host_kinds:
+        if kind not in LINEAR_AND_CONV | NORMS or attr not in ("weight", "bias"):
             if values.numel():
                 unsupported.append(f"{position} ({name})")
             continue
-        groups.setdefault(path_, {})[attr] = (position, values)
+        groups.setdefault(path, {})[attr] = (position, values)
     if unsupported:
         raise IncompatibleFileError(
-            f"{source}: entries for parameters no SaRA adapter can hold: {format_keys(unsupported)}", keys=unsupported
-        )
+            f"{source}: entries for parameters no SaRA adapter can hold: {format_keys(unsupported)}", keys=unsupported)
 
-    built, errors = [], []
-    for path_, group in groups.items():
+    out: dict[str, Tensor] = {}
+    errors: list[tuple[str, str]] = []
+    for path, group in groups.items():
+        module = modules[path]
         if all(values.numel() == 0 for _, values in group.values()):
             for attr, (position, _) in group.items():  # nothing trained here: the model must agree
-                below = sparse.count_below(getattr(modules[path_], attr), theta)
+                below = sparse.count_below(getattr(module, attr), theta)
                 if below:
-                    errors.append((f"{position} ({path_}.{attr})", f"0 values in the file, {below} entries "
+                    errors.append((f"{position} ({path}.{attr})", f"0 values in the file, {below} entries "
                                    f"below θ = {theta:g} in the model"))
             continue
-        host = HostLayer.of(modules[path_], path_)
-        adapter = SaRA(host, threshold=theta, train_bias="bias" in group and host.bias is not None,
-                       train_norm=host.kind in NORMS)
-        parts = {"weight": adapter.sparse_weight, "bias": adapter.sparse_bias}
-        for attr, (position, values) in group.items():
-            part = parts[attr]
-            if part.nnz != values.numel():
-                errors.append((f"{position} ({path_}.{attr})", f"{values.numel()} values in the file, {part.nnz} "
-                               f"entries below θ = {theta:g} in the model"))
+        name = module_name(prefix, model, path)
+        parts = [("weight", "sara_")] + ([("bias", "sara_b_")] if "bias" in group and module.bias is not None else [])
+        for attr, key in parts:
+            tensor = getattr(module, attr)
+            index = sparse.select_indices(tensor, theta)
+            position, values = group.get(attr, (None, tensor.new_zeros(0)))
+            if index.numel() != values.numel():
+                where = f"{position} ({path}.{attr})" if position is not None else f"({path}.{attr})"
+                errors.append((where, f"{values.numel()} values in the file, {index.numel()} entries "
+                               f"below θ = {theta:g} in the model"))
                 continue
-            part.load(values)
-        built.append(Entry("", path_, adapter))
+            base = sparse.gather(tensor, index, compute_dtype(tensor.dtype))
+            out[f"{name}.{key}values"] = values
+            out[f"{name}.{key}indices"] = index.to(sparse.INDEX_DTYPE)
+            out[f"{name}.{key}nnz"] = torch.tensor(index.numel(), dtype=torch.int64)
+            out[f"{name}.{key}checksum"] = torch.tensor(sparse.checksum(base), dtype=torch.int64)
+        out[f"{name}.sara_threshold"] = torch.tensor(theta, dtype=torch.float32)
     if errors:
         keys = [k for k, _ in errors]
         details = "; ".join(f"{k}: {why}" for k, why in errors[:6])
@@ -157,71 +134,16 @@ def load_official(
             f"precision flips mask entries); nothing was changed. {details}",
             keys=keys,
         )
-    if not built:
+    if not out:
         raise IncompatibleFileError(f"{source} trains no entries")
-    check_overlap(built, stack)
-    models, prefixes = normalize_models(model)
-    config = {"algo": "sara", "threshold": theta, "train_bias": any(e.adapter.sparse_bias is not None for e in built),
-              "train_norm": any(e.adapter.host.kind in NORMS for e in built), "source": "sara-official"}
-    network = AdapterNetwork(models, prefixes, built, config)
-    network.set_multiplier(multiplier)
-    network.attach()
-    return network
+    return out
 
 
 def resolve_threshold(in_file: float | None, given: float | None, source: str) -> float:
-    from ..modules.sara import check_threshold
-
+    """θ from the file or the caller (they must agree when both are given), float32-exact."""
+    check_threshold = sparse.check_threshold
     if in_file is None and given is None:
         raise ConfigError(f"{source} has no 'threshold'; pass threshold= (the θ it was trained with)")
     if in_file is not None and given is not None and check_threshold(in_file) != check_threshold(given):
         raise ConfigError(f"{source} was trained with threshold {in_file:g}, but threshold={given:g} was given")
     return check_threshold(in_file if in_file is not None else given)
-
-
-# --------------------------------------------------------------------------- export as LyCORIS diff
-
-
-def export_diff(network: Any, multiplier: float = 1.0) -> dict[str, Tensor]:
-    """LyCORIS `full` tensors for every adapter of `network`: merged weight − base weight at
-    `multiplier` (`diff`, `diff_b` when the bias changes; `w_norm`/`b_norm` on norm layers), float32
-    (float64 for float64 hosts), the float64 difference rounded once (`kernels.sparse.rounded_difference`)."""
-    from ..modules.base import adapted_parameters
-
-    if getattr(network, "merged", False):
-        raise ConfigError("export_diff needs the unmerged base weights; unmerge() the network first")
-    out: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for name, adapter in network.named_children():
-            host = adapter.host
-            m = torch.full_like(adapter.multiplier, float(multiplier))
-            weight, bias = adapted_parameters(host, [adapter], [m])
-            norm = host.kind in NORMS
-            out[f"{name}.{'w_norm' if norm else 'diff'}"] = sparse.rounded_difference(host.weight, weight).cpu().contiguous()
-            if bias is not None and (adapter.changes_bias or norm):
-                out[f"{name}.{'b_norm' if norm else 'diff_b'}"] = sparse.rounded_difference(host.bias, bias).cpu().contiguous()
-    return out
-
-
-def save_diff(
-    network: Any,
-    path: str | os.PathLike,
-    *,
-    multiplier: float = 1.0,
-    dtype: torch.dtype | None = None,
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write `export_diff(network)` as a `.safetensors` file ComfyUI/A1111/LyCORIS read as `full`."""
-    path = Path(path)
-    tensors = export_diff(network, multiplier)
-    if dtype is not None:
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    source = dict(getattr(network, "config", {}) or {})
-    config = {"algo": "full", "dim": 1, "alpha": 1, "exported_from": source.get("algo"),
-              **{f"source_{k}": v for k, v in source.items() if k in ("threshold", "preset")}}
-    meta = build_metadata(models=network.models, config=config, output_name=path.stem,
-                          model_hash=data_hash(tensors), version=__version__, extra=metadata)
-    write_safetensors(path, tensors, meta)
-    return path

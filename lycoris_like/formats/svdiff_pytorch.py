@@ -1,4 +1,4 @@
-"""svdiff-pytorch's `spectral_shifts.safetensors` (and `spectral_shifts_te.safetensors`).
+"""svdiff-pytorch's `spectral_shifts.safetensors` (and `spectral_shifts_te.safetensors`) ↔ our keys.
 
 Layout (mkshing/svdiff-pytorch, `set_spectral_shifts` and its older `*ForSVDiff` models): one
 float32 tensor `<module path>.delta` per adapted layer, the path as in the model's
@@ -8,30 +8,28 @@ and Embedding (conv weights flattened `co (cin h w)`), shape [1] for LayerNorm/G
 of γ as a 1 × C matrix). U, σ and V are never stored: they are recomputed from the base weights, so
 the file carries no check that the base is the right one. No metadata.
 
-Upstream rebuilds W' = U·diag(ReLU(σ + scale·δ))·Vh from a float32 SVD, so its weights differ from
-the base by SVD round-off even at δ = 0; we add ΔW = U·diag(ReLU(σ + s·δ) − σ)·Vh to the exact base
-weight instead (identical up to that round-off).
+A pure translator: `to_ours` checks every key against the model (naming upstream's keys in its
+errors) and renames them to our file names — `lycoris_like.interop` feeds the result to the one
+loader; `from_ours` goes back from our file tensors. Upstream rebuilds W' = U·diag(ReLU(σ +
+scale·δ))·Vh from a float32 SVD, so its weights differ from the base by SVD round-off even at
+δ = 0; we add ΔW = U·diag(ReLU(σ + s·δ) − σ)·Vh to the exact base weight instead.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleFileError, ShapeMismatchError, format_keys
-from ..hosts import NORMS, HostLayer, host_kind
+from ..hosts import NORMS, host_kind
 from ..kernels.spectral import as_matrix
-from ..modules.svdiff import SVDiff
-from ..network import AdapterNetwork, Entry, check_overlap, normalize_models
-from .container import read_safetensors, write_safetensors
-from .naming import file_path
+from .naming import accepted_names, file_path, module_name
 
 SUFFIX = ".delta"
+OUR_KEYS = ("delta", "base_hash")
+SVDIFF_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"}) | NORMS
 
 
 def _index(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
@@ -45,74 +43,13 @@ def _index(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     return index
 
 
-def svdiff_pytorch_tensors(network: AdapterNetwork, key: str | None = None) -> dict[str, Tensor]:
-    """The tensors of an svdiff-pytorch file for one model of `network` (float32, norms as [1])."""
-    models = network.models
-    if key is None:
-        if len(models) != 1:
-            raise ConfigError(f"svdiff-pytorch files hold one model; name it with key=, one of {sorted(models)}")
-        key = next(iter(models))
-    if key not in models:
-        raise ConfigError(f"no model {key!r} in this network; it has {sorted(models)}")
-    model = models[key]
-    out: dict[str, Tensor] = {}
-    wrong = []
-    direct = []
-    for entry in network._entries:
-        if entry.key != key:
-            continue
-        adapter = entry.adapter
-        if not isinstance(adapter, SVDiff):
-            wrong.append(f"{entry.full_path} ({adapter.algo})")
-            continue
-        if adapter.direct:
-            direct.append(entry.full_path)
-            continue
-        out[file_path(model, entry.path) + SUFFIX] = adapter.delta.detach().to("cpu", torch.float32).contiguous()
-    if wrong:
-        raise ConfigError(f"svdiff-pytorch files hold spectral shifts only; not svdiff: {format_keys(wrong)}")
-    if direct:
-        raise ConfigError(
-            "svdiff-pytorch has one scalar shift per norm layer; these layers use one_d='direct' "
-            f"(a shift per channel), which it cannot read: {format_keys(direct)}"
-        )
-    if not out:
-        raise ConfigError(f"the network has no svdiff layers in model {key!r}")
-    return out
-
-
-def save_svdiff_pytorch(network: AdapterNetwork, path: str | os.PathLike, key: str | None = None) -> Path:
-    """Write `network`'s shifts (of model `key` for a pipeline) as svdiff-pytorch's
-    `spectral_shifts.safetensors`: `<module path>.delta`, float32. Written atomically."""
-    path = Path(path)
-    write_safetensors(path, svdiff_pytorch_tensors(network, key), {"format": "pt"})
-    return path
-
-
-def network_from_svdiff_pytorch(
-    model: nn.Module,
-    tensors: dict[str, Tensor],
-    *,
-    multiplier: float = 1.0,
-    strict: bool = True,
-    stack: bool = True,
-    source: str = "state dict",
-    **options: Any,
-) -> AdapterNetwork:
-    """Build and attach a network from svdiff-pytorch tensors; see `load_svdiff_pytorch`."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(
-            f"svdiff-pytorch files describe one model (unet or text encoder); got {type(model).__name__}"
-        )
-    if "one_d" in options:
-        raise ConfigError("one_d is read from the file (svdiff-pytorch norm layers are one_d='scalar')")
-    unknown = set(options) - SVDiff.option_names()
-    if unknown:
-        raise ConfigError(f"unknown options for svdiff: {sorted(unknown)}; accepted: {sorted(SVDiff.option_names())}")
+def to_ours(model: nn.Module, tensors: Mapping[str, Tensor], prefix: str,
+            ) -> tuple[dict[str, Tensor], list[str], list[IncompatibleFileError]]:
+    """(our tensors `<prefix>_<path>.delta`, upstream keys that match no layer, per-key problems)."""
     index = _index(model)
     unmatched: list[str] = []
-    problems: dict[str, IncompatibleFileError] = {}
-    plan: list[tuple[str, str, HostLayer, Tensor]] = []
+    problems: list[IncompatibleFileError] = []
+    out: dict[str, Tensor] = {}
     seen: dict[str, str] = {}
     for key in sorted(tensors):
         value = tensors[key]
@@ -121,79 +58,61 @@ def network_from_svdiff_pytorch(
             continue
         path, module = index[key[: -len(SUFFIX)]]
         kind = host_kind(module)
-        if kind is None or kind not in SVDiff.host_kinds:
-            problems[key] = IncompatibleFileError(
-                f"{key}: targets {path!r}, a {type(module).__name__}, which svdiff does not adapt", keys=[key]
-            )
+        if kind not in SVDIFF_KINDS:
+            problems.append(IncompatibleFileError(
+                f"{key}: targets {path!r}, a {type(module).__name__}, which svdiff does not adapt", keys=[key]))
             continue
         if path in seen:
-            problems[key] = IncompatibleFileError(f"{key}: targets the same layer as {seen[path]}", keys=[key])
+            problems.append(IncompatibleFileError(f"{key}: targets the same layer as {seen[path]}", keys=[key]))
             continue
         seen[path] = key
-        host = HostLayer.of(module, path)
-        expected = (1,) if kind in NORMS else (min(as_matrix(host.weight).shape),)
+        weight = module.weight
+        expected = (1,) if kind in NORMS else (min(as_matrix(weight).shape),)
         if tuple(value.shape) != expected and not (value.numel() == 1 and expected == (1,)):
             what = "svdiff-pytorch stores one scalar per norm layer" if kind in NORMS else "one per singular value"
-            problems[key] = ShapeMismatchError(
-                f"{key}: expected shape {expected} for {type(module).__name__}{tuple(host.weight.shape)} "
-                f"({what}), found {tuple(value.shape)}",
-                keys=[key],
-            )
+            problems.append(ShapeMismatchError(
+                f"{key}: expected shape {expected} for {type(module).__name__}{tuple(weight.shape)} "
+                f"({what}), found {tuple(value.shape)}", keys=[key]))
             continue
         if not value.is_floating_point():
-            problems[key] = IncompatibleFileError(f"{key}: expected a float tensor, found {value.dtype}", keys=[key])
+            problems.append(IncompatibleFileError(f"{key}: expected a float tensor, found {value.dtype}", keys=[key]))
             continue
-        plan.append((key, path, host, value.reshape(expected)))
-    report = []
-    if unmatched:
-        hint = ""
-        if any(k.startswith("modifier_tokens.") for k in unmatched):
-            hint = (
-                " (modifier_tokens.* are textual-inversion token embeddings, not spectral shifts: "
-                "add them to the tokenizer and the embedding yourself)"
-            )
-        report.append(f"{len(unmatched)} keys match no layer of the model: {format_keys(unmatched)}{hint}")
-    report.extend(str(e) for e in problems.values())
-    if not plan or (strict and report):
-        keys = unmatched + [k for e in problems.values() for k in e.keys]
-        kinds = {type(e) for e in problems.values()}
-        cls = kinds.pop() if len(kinds) == 1 and not unmatched else IncompatibleFileError
-        what = "\n".join(report) if report else "it holds no spectral shifts"
-        raise cls(f"{source} does not fit the model; nothing was changed.\n{what}", keys=keys)
-    entries = []
-    for key, path, host, value in plan:
-        adapter = SVDiff(host, one_d="scalar", **options)
-        with torch.no_grad():
-            adapter.delta.copy_(value)
-        entries.append(Entry("", path, adapter))
-    check_overlap(entries, stack)
-    models, prefixes = normalize_models(model)
-    network = AdapterNetwork(models, prefixes, entries, {"algo": "svdiff", "one_d": "scalar", **options})
-    network.set_multiplier(multiplier)
-    network.attach()
-    if report:
-        warnings.warn(f"{source}: partial load.\n" + "\n".join(report), stacklevel=3)
-    return network
+        out[f"{module_name(prefix, model, path)}.delta"] = value.reshape(expected)
+    return out, unmatched, problems
 
 
-def load_svdiff_pytorch(
-    model: nn.Module,
-    path: str | os.PathLike,
-    multiplier: float = 1.0,
-    *,
-    strict: bool = True,
-    stack: bool = True,
-    **options: Any,
-) -> AdapterNetwork:
-    """Load svdiff-pytorch's `spectral_shifts.safetensors` onto `model` (the UNet, or the text
-    encoder for `spectral_shifts_te.safetensors`) as an svdiff network and attach it.
+def describe_unmatched(unmatched: list[str]) -> str:
+    """The report line for keys that match no layer (textual-inversion tokens get a hint)."""
+    hint = ""
+    if any(k.startswith("modifier_tokens.") for k in unmatched):
+        hint = (" (modifier_tokens.* are textual-inversion token embeddings, not spectral shifts: "
+                "add them to the tokenizer and the embedding yourself)")
+    return f"{len(unmatched)} keys match no layer of the model: {format_keys(unmatched)}{hint}"
 
-    Every key is checked before anything changes: keys that match no layer, target a layer svdiff
-    cannot adapt or have the wrong shape raise a typed error naming them (with `strict=False` the
-    rest loads and a warning lists them). `options` go to every adapter (e.g. `svd_buffers="lean"`).
-    The file has no base checksum; saving the network in our format adds one.
-    """
-    tensors, _ = read_safetensors(path)
-    return network_from_svdiff_pytorch(
-        model, tensors, multiplier=multiplier, strict=strict, stack=stack, source=str(path), **options
-    )
+
+def from_ours(model: nn.Module, tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """svdiff-pytorch tensors (float32, `<module path>.delta`, norms as [1]) from our file tensors
+    of one model (names with `prefix`); refuses what upstream cannot express."""
+    by_name = {}
+    for path, _ in model.named_modules():
+        for name in accepted_names(prefix, model, path):
+            by_name.setdefault(name, path)
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        groups.setdefault(name, {})[suffix] = value
+    wrong = sorted(n for n, g in groups.items() if not set(g) <= {"delta", "base_hash", "gain_delta"})
+    if wrong:
+        raise ConfigError(f"svdiff-pytorch files hold spectral shifts only; not svdiff: {format_keys(wrong)}")
+    direct = sorted(n for n, g in groups.items() if "gain_delta" in g)
+    if direct:
+        raise ConfigError(
+            "svdiff-pytorch has one scalar shift per norm layer; these layers use one_d='direct' "
+            f"(a shift per channel), which it cannot read: {format_keys(direct)}")
+    missing = sorted(n for n in groups if n not in by_name)
+    if missing:
+        raise ConfigError(f"no layer of the model is named {format_keys(missing)}")
+    if not groups:
+        raise ConfigError("there are no svdiff layers to export")
+    return {file_path(model, by_name[n]) + SUFFIX: g["delta"].detach().to("cpu", torch.float32).contiguous()
+            for n, g in groups.items()}

@@ -46,6 +46,45 @@ class HadamardProduct(torch.autograd.Function):
         return ga1, gb1, ga2, gb2, None
 
 
+class HadamardAdd(torch.autograd.Function):
+    """acc + scale·(a1 @ b1) ⊙ (a2 @ b2) (reshaped to acc) in one addcmul, scale its value: the
+    rebuild and merge of LoHa. Saves only the factors; backward recomputes each product once and
+    forms every factor gradient in one gemm with scale as its alpha."""
+
+    @staticmethod
+    def forward(ctx, acc: Tensor, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = float(scale)
+        ctx.save_for_backward(a1, b1, a2, b2)
+        return torch.addcmul(acc, (a1 @ b1).view(acc.shape), (a2 @ b2).view(acc.shape), value=ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a1, b1, a2, b2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        s = ctx.scale
+        g = grad.reshape(a1.shape[0], -1)
+        ga1 = gb1 = ga2 = gb2 = None
+        if need[1] or need[2]:  # ∂/∂P₁ of Σ G ⊙ s·P₁ ⊙ P₂ is s·G ⊙ P₂, then the chain rule of P₁ = a1 @ b1
+            q = (g * (a2 @ b2)).to(a1.dtype)
+            ga1 = torch.addmm(a1, q, b1.mT, beta=0, alpha=s) if need[1] else None
+            gb1 = torch.addmm(b1, a1.mT, q, beta=0, alpha=s) if need[2] else None
+            del q
+        if need[3] or need[4]:
+            q = (g * (a1 @ b1)).to(a2.dtype)
+            ga2 = torch.addmm(a2, q, b2.mT, beta=0, alpha=s) if need[3] else None
+            gb2 = torch.addmm(b2, a2.mT, q, beta=0, alpha=s) if need[4] else None
+        return grad if need[0] else None, ga1, gb1, ga2, gb2, None
+
+
+def hadamard_add(acc: Tensor, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, scale: float,
+                 inplace: bool = False) -> Tensor:
+    """acc + scale·(a1 @ b1) ⊙ (a2 @ b2), reshaped to acc (see `HadamardAdd`); `inplace` writes
+    into acc with the same kernel (merges, without autograd)."""
+    if inplace:
+        return acc.addcmul_((a1 @ b1).view(acc.shape), (a2 @ b2).view(acc.shape), value=float(scale))
+    return HadamardAdd.apply(acc, a1, b1, a2, b2, scale)
+
+
 def _tucker_grads(g: Tensor, core: Tensor, a: Tensor, b: Tensor, need: tuple[bool, bool, bool]):
     """Gradients of Σ g ⊙ tucker_factor(core, a, b) with respect to core, a, b."""
     g_core = g_a = g_b = None

@@ -1,45 +1,43 @@
-"""out = y ⊙ s over channels, written over y — the host's fresh output — for (IA)³.
+"""y + m·y ⊙ l over channels in one op — (IA)³'s output side.
 
-The plain product allocates a second output-sized tensor and autograd keeps y alive for ∇s. Here
-the product overwrites y (nothing else holds it) and the saved tensor is the result itself, which
-the next op usually saves anyway (attention's q/k/v, GEGLU's halves): ∇s = (Σ g ⊙ out) / s, the
-division on the channel-sized sum, which differs from Σ g ⊙ y by the rounding of out only.
-That needs every sᵢ ≠ 0: the caller checks it (`rescale_in_place_ok`).
+The additive form keeps a small l exact in half precision (1 + l rounded to 11 bits would lose
+it), and one addcmul is one kernel: the forward reads y once, backward forms ∇y in one addcmul and
+∇l in a multiply and a reduction. Without autograd the result is written over y, the host op's
+fresh output.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
 
 
-class ChannelRescale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
-        y.mul_(scale)
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(y, scale)
-        return y
+class ChannelScaleAdd(torch.autograd.Function):
+    """y + m·y ⊙ v for v broadcast over y's channel axis; saves y and v."""
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        out, scale = ctx.saved_tensors
-        grad_y = grad * scale if ctx.needs_input_grad[0] else None
-        grad_scale = None
+    def forward(ctx: Any, y: Tensor, vec: Tensor, multiplier: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(y, vec)
+        ctx.multiplier = multiplier
+        return torch.addcmul(y, y, vec, value=multiplier)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        y, vec = ctx.saved_tensors
+        m = ctx.multiplier
+        grad_y = torch.addcmul(grad, grad, vec, value=m) if ctx.needs_input_grad[0] else None
+        grad_vec = None
         if ctx.needs_input_grad[1]:
-            grad_scale = (grad * out).sum_to_size(scale.shape) / scale
-        return grad_y, grad_scale
+            grad_vec = (grad * y).sum_to_size(vec.shape)
+            if m != 1:
+                grad_vec = grad_vec * m
+        return grad_y, grad_vec, None
 
 
-def rescale_in_place_ok(y: Tensor, scale: Tensor) -> bool:
-    """Whether `rescale_` applies: y is a fresh CPU output in y's dtype, scale has no zero (∇s
-    divides by it) and broadcasts to y without growing it. On accelerators the check would stall
-    the device once per layer, so they keep the plain product."""
-    fits = scale.dim() <= y.dim() and all(n in (1, m) for n, m in zip(reversed(scale.shape), reversed(y.shape)))
-    return (fits and y.device.type == "cpu" and scale.device == y.device and scale.dtype == y.dtype
-            and not torch.compiler.is_compiling() and bool(scale.ne(0).all()))
-
-
-def rescale_(y: Tensor, scale: Tensor) -> Tensor:
-    """y ⊙ scale written over y (differentiable in both; see the module docstring)."""
-    return ChannelRescale.apply(y, scale)
+def channel_scale_add(y: Tensor, vec: Tensor, multiplier: float) -> Tensor:
+    """y + m·y ⊙ vec (see `ChannelScaleAdd`); in place on y when autograd does not record."""
+    if not torch.is_grad_enabled():
+        return y.addcmul_(y, vec, value=multiplier)
+    return ChannelScaleAdd.apply(y, vec, multiplier)

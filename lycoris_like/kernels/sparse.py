@@ -9,12 +9,27 @@ backward pass.
 from __future__ import annotations
 
 import hashlib
+import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
+
 INDEX_DTYPE = torch.int32
 _CHUNK = 1 << 24  # entries per selection chunk: bounds the transient |W| / bool tensors
+
+
+def check_threshold(threshold: Any) -> float:
+    """θ as a float32-exact positive finite float (masks compare float32 values against it)."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ConfigError(f"threshold must be a positive number, got {threshold!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"threshold must be finite and > 0, got {threshold!r}")
+    return float(torch.tensor(value, dtype=torch.float32))
 
 
 def compare_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,7 +73,7 @@ def gather(tensor: Tensor, index: Tensor, dtype: torch.dtype | None = None) -> T
     return out if dtype is None else out.to(dtype)
 
 
-def sparse_update(acc: Tensor, index: Tensor, values: Tensor, base: Tensor, multiplier: Tensor) -> Tensor:
+def sparse_update(acc: Tensor, index: Tensor, values: Tensor, base: Tensor, multiplier: float | Tensor) -> Tensor:
     """`acc` with acc[M] ← P₀[M] + m·(v − P₀[M]) + (acc[M] − P₀[M]), out of place.
 
     `base` = P₀[M]. The selected entries are computed in float64 and rounded once to acc's dtype;
@@ -74,7 +89,7 @@ def sparse_update(acc: Tensor, index: Tensor, values: Tensor, base: Tensor, mult
     return flat.scatter(0, index, new).reshape(acc.shape)
 
 
-def updated_entries(current: Tensor, values: Tensor, base: Tensor, multiplier: Tensor) -> Tensor:
+def updated_entries(current: Tensor, values: Tensor, base: Tensor, multiplier: float | Tensor) -> Tensor:
     """The selected entries of `sparse_update`: P₀[M] + m·(v − P₀[M]) + (current − P₀[M]) in
     float64, rounded once to current's dtype (differentiable in `values` and `current`).
 
@@ -89,13 +104,15 @@ def updated_entries(current: Tensor, values: Tensor, base: Tensor, multiplier: T
             return values.to(current.dtype)
     wide = torch.float64
     base = base.to(wide)
-    own = torch.lerp(base, values.to(wide), multiplier.to(wide))
+    own = torch.lerp(base, values.to(wide), multiplier.to(wide) if isinstance(multiplier, Tensor) else float(multiplier))
     return (own + (current.to(wide) - base)).to(current.dtype)
 
 
-def _is_one(multiplier: Tensor) -> bool:
-    """Whether m is one constant exactly 1 (never while torch.compile traces: no data-dependent
-    branch; a per-entry multiplier — rank dropout's keep-mask — takes the formula)."""
+def _is_one(multiplier: float | Tensor) -> bool:
+    """Whether m is one constant exactly 1 (a tensor never while torch.compile traces: no
+    data-dependent branch; a per-entry multiplier — rank dropout's keep-mask — takes the formula)."""
+    if not isinstance(multiplier, Tensor):
+        return multiplier == 1
     return (not torch.compiler.is_compiling() and multiplier.dim() == 0 and not multiplier.requires_grad
             and bool(multiplier == 1))
 

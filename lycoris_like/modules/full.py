@@ -7,7 +7,7 @@ zero at init. With multiplier 1 the forward is op(x, W + diff, b + diff_b), so t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,12 +15,14 @@ from torch import Tensor, nn
 
 from ..errors import IncompatibleFileError
 from ..hosts import HostLayer
-from .base import AdapterModule, expect_shape, require_keys
+from .base import AdapterModule
+from .capabilities import CombinePart, NativeCombine, WeightFree
+from .files import expect_shape, require_keys
 from .registry import register_algorithm
 
 
 @register_algorithm("full", aliases=("diff",))
-class Full(AdapterModule):
+class Full(WeightFree, NativeCombine, AdapterModule):
     """ΔW = diff, Δb = diff_b. `dim`/`alpha` are accepted and ignored (no rank, no merge ratio).
 
     `rank_dropout` drops whole output rows of ΔW during training (LyCORIS' rule); Δb is never
@@ -37,7 +39,7 @@ class Full(AdapterModule):
         self.diff = nn.Parameter(torch.zeros(host.weight.shape, **fac))
         self.diff_b = nn.Parameter(torch.zeros(host.out_features, **fac)) if host.bias is not None else None
 
-    def adapter_delta(self, train: bool = False) -> Tensor:
+    def delta_weight(self, train: bool = False) -> Tensor:
         mask = self.rank_mask(self.host.out_features, self.diff) if train else None
         if mask is None:
             return self.diff
@@ -48,14 +50,14 @@ class Full(AdapterModule):
 
     # ------------------------------------------------------------------ files
 
-    def adapter_tensors(self) -> dict[str, Tensor]:
+    def file_tensors(self) -> dict[str, Tensor]:
         out = {"diff": self.diff.detach()}
         if self.diff_b is not None:
             out["diff_b"] = self.diff_b.detach()
         return out
 
     @classmethod
-    def adapter_from_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> Full:
+    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> Full:
         require_keys(tensors, name, ("diff",))
         diff = expect_shape(name, "diff", tensors["diff"], tuple(host.weight.shape))
         diff_b = tensors.get("diff_b")
@@ -73,3 +75,16 @@ class Full(AdapterModule):
             if diff_b is not None:
                 module.diff_b.copy_(diff_b)
         return module
+
+    # ------------------------------------------------------------------ tools
+
+    @classmethod
+    def file_weight_shape(cls, tensors: Mapping[str, Tensor]) -> tuple[tuple[int, ...], bool] | None:
+        diff = tensors.get("diff")
+        return None if diff is None else (tuple(diff.shape), True)
+
+    @classmethod
+    def combine_native(cls, parts: Sequence[CombinePart], build: Callable[[Mapping[str, Tensor]], Any],
+                       base: Any, dtype: torch.dtype) -> tuple[dict[str, Tensor], int | None]:
+        """Differences add."""
+        return cls.summed(parts, ("diff", "diff_b"), dtype)

@@ -9,20 +9,24 @@ its merge does not; PEFT scales it in both, as we do.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import IncompatibleFileError
 from ..hosts import HostLayer
-from .base import AdapterModule, expect_shape, require_keys
+from ..kernels.rescale import channel_scale_add
+from .base import AdapterModule
+from .capabilities import CombinePart, NativeCombine, NotNative, OutputMap
+from .files import expect_shape, require_keys
 from .registry import register_algorithm
 
 
 @register_algorithm("ia3")
-class IA3(AdapterModule):
+class IA3(OutputMap, NativeCombine, AdapterModule):
     """y = (1 + m·l) ⊙ op(x, W, b) (output side) or op((1 + m·l) ⊙ x, W, b) (`train_on_input`).
 
     `dim` and `alpha` are accepted (every algorithm takes them) and ignored: there is no rank and
@@ -32,7 +36,6 @@ class IA3(AdapterModule):
 
     file_keys = frozenset({"weight", "on_input"})
     signature_keys = frozenset({"on_input", "weight"})
-    bypass_uses_base_out = True
 
     def __init__(
         self,
@@ -71,29 +74,28 @@ class IA3(AdapterModule):
         rows = per_group.expand(groups, host.out_features // groups, host.in_features)
         return rows.reshape(host.out_features, host.in_features, *ones)
 
-    def adapter_delta(self, train: bool = False) -> Tensor:
+    def delta_weight(self, train: bool = False) -> Tensor:
         _, vec = self._vector(train)
         return self.host.weight.to(vec.dtype) * self._weight_scale(vec)
 
-    def update_weight(self, acc: Tensor, multiplier: Tensor | None, train: bool = False, inplace: bool = False) -> Tensor:
-        """W + W ⊙ m·l as one `addcmul` in merge precision (no full-size ΔW temporary)."""
-        _, vec = self._vector(train and self.training_now)
+    def add_delta(self, acc: Tensor, multiplier: float | Tensor, train: bool = False, inplace: bool = False) -> Tensor:
+        """W + m·W ⊙ l as one `addcmul` in merge precision (no full-size ΔW temporary)."""
+        _, vec = self._vector(train)
         scale = self._weight_scale(vec.to(acc.dtype))
-        if multiplier is not None:
-            scale = scale * multiplier.to(acc.dtype)
         weight = self.host.weight.to(acc.dtype)
-        return acc.addcmul_(weight, scale) if inplace else torch.addcmul(acc, weight, scale)
+        if isinstance(multiplier, Tensor):
+            scale, multiplier = scale * multiplier.to(acc.dtype), 1.0
+        return acc.addcmul_(weight, scale, value=multiplier) if inplace else torch.addcmul(acc, weight, scale, value=multiplier)
 
     def delta_bias(self) -> Tensor | None:
         if self.on_input or self.host.bias is None:
             return None
         return self.host.bias.to(self.weight.dtype) * self.weight.reshape(self.channels)
 
-    # ------------------------------------------------------------------ bypass
+    # ------------------------------------------------------------------ output map
 
-    @property
-    def has_bypass(self) -> bool:
-        return not self.on_input
+    def fast_path(self, train: bool) -> str | None:
+        return None if self.on_input else "output"
 
     def _channel_view(self, vec: Tensor) -> Tensor:
         """`vec` shaped to broadcast on a host output's channel axis: last for Linear, the one
@@ -102,37 +104,40 @@ class IA3(AdapterModule):
             return vec
         return vec.reshape(self.channels, *([1] * len(self.host.kernel_size)))
 
-    def bypass(self, x: Tensor, base_out: Tensor) -> Tensor:
-        vec, kept = self._vector(self.training_now)
-        out = base_out * self._channel_view(kept.to(base_out.dtype))
-        bias = self.host.bias
-        if kept is not vec and bias is not None:  # rank dropout: Δb = b ⊙ l is never dropped
-            out = out + self._channel_view((vec - kept).to(base_out.dtype) * bias.to(base_out.dtype))
-        return out
+    def output_map(self, base_out: Tensor, x: Tensor, multiplier: float | Tensor, train: bool = False) -> Tensor:
+        """base_out + m·base_out ⊙ l — the bias rescaled with the rest, as in the merge — in one
+        op (`kernels.rescale`); with training-time dropout or rank dropout, the adapter's share
+        base_out ⊙ l is formed on its own (rank dropout never drops Δb = b ⊙ l)."""
+        vec, kept = self._vector(train)
+        dtype = base_out.dtype
+        if isinstance(multiplier, Tensor) or (train and (self.dropout or kept is not vec)):
+            share = base_out * self._channel_view(kept.to(dtype))
+            bias = self.host.bias
+            if kept is not vec and bias is not None:
+                share = share + self._channel_view((vec - kept).to(dtype) * bias.to(dtype))
+            if train and self.dropout:
+                share = F.dropout(share, self.dropout)
+            if isinstance(multiplier, Tensor):
+                return base_out + share * multiplier.to(dtype)
+            return torch.add(base_out, share, alpha=multiplier)
+        return channel_scale_add(base_out, self._channel_view(vec.to(dtype)), multiplier)
 
-    def output_scale(self, base_out: Tensor) -> Tensor | None:
-        # One multiply by (1 + m·l) instead of base_out + (base_out ⊙ l)·m: a third of the passes
-        # over the output and one output-sized temporary instead of three. Not in half precision
-        # (1 + l rounded to 11 bits loses a small l), nor where the additive path does more:
-        # training-time dropout or rank dropout (whose Δb is not dropped), DoRA.
-        if (self.on_input or base_out.dtype not in (torch.float32, torch.float64) or self.dora_scale is not None
-                or ((self.dropout or self.rank_dropout) and self.training_now)):
-            return None
-        return self._channel_view(self.weight.reshape(self.channels)) * self.multiplier
+    def rebuild_flops(self) -> int:
+        return self.host.weight.numel()
 
     def bypass_flops(self, tokens: int) -> int:
         return tokens * self.host.out_features
 
     # ------------------------------------------------------------------ files
 
-    def adapter_tensors(self) -> dict[str, Tensor]:
+    def file_tensors(self) -> dict[str, Tensor]:
         return {
             "weight": self.weight.detach(),
             "on_input": torch.tensor(int(self.on_input), dtype=torch.int64),
         }
 
     @classmethod
-    def adapter_from_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> IA3:
+    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> IA3:
         require_keys(tensors, name, ("weight", "on_input"))
         flag = tensors["on_input"]
         value = float(flag.double().reshape(-1)[0]) if flag.numel() == 1 else None
@@ -150,3 +155,11 @@ class IA3(AdapterModule):
 
     def config(self) -> dict[str, Any]:
         return {"algo": self.algo, "train_on_input": self.on_input}
+
+    @classmethod
+    def combine_native(cls, parts: Sequence[CombinePart], build: Callable[[Mapping[str, Tensor]], Any],
+                       base: Any, dtype: torch.dtype) -> tuple[dict[str, Tensor], int | None]:
+        """Vectors on the same side add (ΔW = W ⊙ l is linear in l)."""
+        if len({int(tensors["on_input"].reshape(-1)[0]) for _, tensors in parts}) != 1:
+            raise NotNative("(IA)³ vectors on the input and on the output side do not add")
+        return cls.summed(parts, ("weight",), dtype)

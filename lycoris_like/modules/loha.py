@@ -3,7 +3,7 @@ FedPara), with an optional Tucker core per factor for k>1 convolutions (LyCORIS 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,15 +11,18 @@ from torch import Tensor, nn
 
 from ..errors import ShapeMismatchError
 from ..hosts import HostLayer
-from ..kernels.hadamard import hadamard_delta, hadamard_tucker_delta, khatri_rao_factors
-from .base import RankedAdapter, expect_shape, read_alpha, require_keys
+from ..kernels.hadamard import hadamard_add, hadamard_delta, hadamard_tucker_delta, khatri_rao_factors
+from ..kernels.lowrank import lowrank_add
+from .capabilities import Bypass, CombinePart, NativeCombine, WeightFree
+from .files import expect_shape, read_alpha, require_keys
+from .ranked import RankedAdapter
 from .registry import register_algorithm
 
 FACTOR_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
 @register_algorithm("loha")
-class LoHa(RankedAdapter):
+class LoHa(Bypass, WeightFree, NativeCombine, RankedAdapter):
     """ΔW = (α/r)·(w1_a·w1_b) ⊙ (w2_a·w2_b), reshaped to the host weight (conv: out × in·k…).
 
     `use_tucker` (convs with kernel > 1): each factor is `t_i ×₁ w_i_a ×₂ w_i_b` with cores
@@ -28,7 +31,7 @@ class LoHa(RankedAdapter):
     random) that is folded into `hada_w1_a` on save.
     """
 
-    file_keys = frozenset({*FACTOR_KEYS, "hada_t1", "hada_t2", "alpha", "dora_scale"})
+    file_keys = frozenset({*FACTOR_KEYS, "hada_t1", "hada_t2", "alpha"})
     signature_keys = frozenset({"hada_w1_a", "hada_w1_b"})
 
     def __init__(self, host: HostLayer, dim: int = 4, alpha: float | None = 1.0, **options: Any) -> None:
@@ -66,7 +69,7 @@ class LoHa(RankedAdapter):
             a = a * (mask.view(1, -1) if self.tucker else mask.view(-1, 1))
         return a
 
-    def adapter_delta(self, train: bool = False) -> Tensor:
+    def delta_weight(self, train: bool = False) -> Tensor:
         mask = self.rank_mask(self.host.out_features, self.hada_w1_a) if train else None
         a1 = self._w1_a(mask)
         if self.tucker:
@@ -76,23 +79,45 @@ class LoHa(RankedAdapter):
         delta = hadamard_delta(a1, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scale)
         return delta.reshape(self.host.weight.shape)
 
+    def add_delta(self, acc: Tensor, multiplier: float | Tensor, train: bool = False, inplace: bool = False) -> Tensor:
+        """W + m·γ·(w1_a·w1_b) ⊙ (w2_a·w2_b) as one addcmul with m·γ its value (`kernels.hadamard`);
+        Tucker and a tensor multiplier take the generic path, a merge the in-place one."""
+        if self.tucker or isinstance(multiplier, Tensor):
+            return super().add_delta(acc, multiplier, train, inplace)
+        mask = self.rank_mask(self.host.out_features, self.hada_w1_a) if train else None
+        return hadamard_add(acc, self._w1_a(mask), self.hada_w1_b, self.hada_w2_a, self.hada_w2_b,
+                            multiplier * self.scale, inplace)
+
     # ------------------------------------------------------------------ bypass
 
-    @property
-    def has_bypass(self) -> bool:
-        return self.host.groups == 1 and not self.tucker
+    def fast_path(self, train: bool) -> str | None:
+        return "bypass" if self.host.groups == 1 and not self.tucker else None
 
-    def bypass(self, x: Tensor, base_out: Tensor) -> Tensor:
-        """(B₁A₁)⊙(B₂A₂) = (B₁ ⊙_KR B₂)(A₁ ⊙_KR A₂): a rank-r² down (in the host's geometry), then up."""
+    def _khatri_rao(self) -> tuple[Tensor, Tensor]:
+        """(up (out, r²), down (r², in, k…)): (B₁A₁)⊙(B₂A₂) = (B₁ ⊙_KR B₂)(A₁ ⊙_KR A₂)."""
         host = self.host
         up, down = khatri_rao_factors(self._w1_a(), self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
-        up = up * self.scale
-        r2 = down.shape[0]
-        h = host.op(x, down.reshape(r2, host.in_features, *host.kernel_size).to(x.dtype), None)
-        mask = self.rank_mask(host.out_features, h)
-        if mask is not None:
-            up = up * mask.view(-1, 1)
-        return host.pointwise(h, up.reshape(host.out_features, r2, *host.ones).to(x.dtype))
+        return up, down.reshape(down.shape[0], host.in_features, *host.kernel_size)
+
+    def bypass(self, x: Tensor, train: bool = False) -> Tensor:
+        """A rank-r² down (in the host's geometry), then up."""
+        host = self.host
+        up, down = self._khatri_rao()
+        h = host.op(x, down.to(x.dtype), None)
+        mask = self.rank_mask(host.out_features, h) if train else None
+        up = up * self.scale if mask is None else up * self.scale * mask.view(-1, 1)
+        return host.pointwise(h, up.reshape(host.out_features, -1, *host.ones).to(x.dtype))
+
+    def bypass_add(self, out: Tensor, x: Tensor, multiplier: float | Tensor, train: bool = False,
+                   row_scale: Tensor | None = None) -> Tensor:
+        """out + m·γ·up(down(x)) on the Khatri-Rao factors by `kernels.lowrank.lowrank_add`."""
+        if isinstance(multiplier, Tensor) or (train and self.rank_dropout):
+            return super().bypass_add(out, x, multiplier, train, row_scale)
+        up, down = self._khatri_rao()
+        if row_scale is not None:
+            up = up * row_scale.reshape(-1, 1).to(up.dtype)
+        dtype = out.dtype
+        return lowrank_add(out, x.to(dtype), down.to(dtype), up.to(dtype), multiplier * self.scale, self.host)
 
     def rebuild_flops(self) -> int:
         host = self.host
@@ -110,7 +135,7 @@ class LoHa(RankedAdapter):
 
     # ------------------------------------------------------------------ files
 
-    def adapter_tensors(self) -> dict[str, Tensor]:
+    def file_tensors(self) -> dict[str, Tensor]:
         out = {
             "hada_w1_a": self._w1_a().detach(),
             "hada_w1_b": self.hada_w1_b.detach(),
@@ -124,7 +149,7 @@ class LoHa(RankedAdapter):
         return out
 
     @classmethod
-    def adapter_from_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> LoHa:
+    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> LoHa:
         require_keys(tensors, name, FACTOR_KEYS)
         has_t1, has_t2 = "hada_t1" in tensors, "hada_t2" in tensors
         if has_t1 or has_t2:
@@ -168,3 +193,22 @@ class LoHa(RankedAdapter):
             for key, value in values.items():
                 getattr(module, key).copy_(value)
         return module
+
+    # ------------------------------------------------------------------ tools
+
+    @classmethod
+    def file_weight_shape(cls, tensors: Mapping[str, Tensor]) -> tuple[tuple[int, ...], bool] | None:
+        """Tucker files say the kernel; plain conv factors are stored flattened (out, in·k…): a guess."""
+        a, b, t = tensors.get("hada_w1_a"), tensors.get("hada_w1_b"), tensors.get("hada_t1")
+        if a is None or b is None or a.dim() < 2 or b.dim() < 2:
+            return None
+        if t is not None:
+            return (a.shape[1], b.shape[1], *t.shape[2:]), True
+        return (a.shape[0], *b.shape[1:]), b.dim() > 2
+
+    @classmethod
+    def combine_native(cls, parts: Sequence[CombinePart], build: Callable[[Mapping[str, Tensor]], Any],
+                       base: Any, dtype: torch.dtype) -> tuple[dict[str, Tensor], int | None]:
+        """One file only: w folded into `hada_w1_a` (a sum of Hadamard products is not one of the same rank)."""
+        return cls.fold_single(parts, ("hada_w1_a",), dtype)
+

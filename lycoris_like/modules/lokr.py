@@ -8,7 +8,7 @@ in = c·d. W2 is full or low-rank (optionally Tucker on k>1 convs), W1 full or (
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +19,16 @@ from ..errors import ConfigError, IncompatibleFileError, ShapeMismatchError
 from ..hosts import HostLayer
 from ..kernels.kronecker import (
     factorization,
+    kron_add,
     kron_conv_bypass,
     kron_delta,
     kron_linear_bypass,
     lowrank_w2,
     tucker_w2,
 )
-from .base import RankedAdapter, expect_shape, float32_exact, merge_ratio, read_alpha, require_keys
+from .capabilities import Bypass, CombinePart, NativeCombine, WeightFree
+from .files import expect_shape, float32_exact, merge_ratio, read_alpha, require_keys
+from .ranked import RankedAdapter
 from .registry import register_algorithm
 
 PARAM_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -101,7 +104,7 @@ def layout_for(
 
 
 @register_algorithm("lokr", aliases=("kron",))
-class LoKr(RankedAdapter):
+class LoKr(Bypass, WeightFree, NativeCombine, RankedAdapter):
     """ΔW = γ·W1 ⊗ W2, γ = α/r (r of the decomposed half; γ = 1 when both halves are full).
 
     Options (LyCORIS names): `factor` bounds the small factor (−1: closest to √n),
@@ -110,7 +113,7 @@ class LoKr(RankedAdapter):
     k>1 convs, `rs_lora` uses α/√r, `use_scalar` trains a scalar (init 0) folded into W1 on save.
     """
 
-    file_keys = frozenset({*PARAM_NAMES, "alpha", "dora_scale"})
+    file_keys = frozenset({*PARAM_NAMES, "alpha"})
     signature_keys = frozenset({"lokr_w1", "lokr_w1_a"})
 
     def __init__(
@@ -180,20 +183,28 @@ class LoKr(RankedAdapter):
             return tucker_w2(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
         return lowrank_w2(self.lokr_w2_a, self.lokr_w2_b, self.layout.kernel)
 
-    def adapter_delta(self, train: bool = False) -> Tensor:
+    def delta_weight(self, train: bool = False) -> Tensor:
         delta = kron_delta(self._w1(), self._w2())
         mask = self.rank_mask(delta.shape[0], delta) if train else None
         if mask is not None:
             delta = delta * mask.view(-1, *([1] * (delta.dim() - 1)))
         return delta
 
+    def add_delta(self, acc: Tensor, multiplier: float | Tensor, train: bool = False, inplace: bool = False) -> Tensor:
+        """W + m·W1 ⊗ W2 as one addcmul of broadcast views (`kernels.kronecker.kron_add`), m·γ its
+        value; rank dropout, a tensor multiplier and a non-contiguous W take the generic path."""
+        if isinstance(multiplier, Tensor) or (train and self.rank_dropout) or not acc.is_contiguous():
+            return super().add_delta(acc, multiplier, train, inplace)
+        first = self.with_scalar(self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_a)
+        w1 = first if self.lokr_w1 is not None else first @ self.lokr_w1_b
+        return kron_add(acc, w1, self._w2(), multiplier * self.scale, inplace)
+
     # ------------------------------------------------------------------ bypass
 
-    @property
-    def has_bypass(self) -> bool:
-        return self.host.groups == 1
+    def fast_path(self, train: bool) -> str | None:
+        return "bypass" if self.host.groups == 1 else None
 
-    def bypass(self, x: Tensor, base_out: Tensor) -> Tensor:
+    def bypass(self, x: Tensor, train: bool = False) -> Tensor:
         host, layout = self.host, self.layout
         w1 = self._w1().to(x.dtype)
         if not host.is_conv:
@@ -225,7 +236,7 @@ class LoKr(RankedAdapter):
                     return host.pointwise(h, w2_a)
 
             y = kron_conv_bypass(x, w1, inner, len(layout.kernel), outer)
-        mask = self.rank_mask(host.out_features, y)
+        mask = self.rank_mask(host.out_features, y) if train else None
         if mask is not None:
             y = y * (mask if not host.is_conv else mask.view(-1, *host.ones))
         return y
@@ -254,7 +265,7 @@ class LoKr(RankedAdapter):
 
     # ------------------------------------------------------------------ files
 
-    def adapter_tensors(self) -> dict[str, Tensor]:
+    def file_tensors(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for key in PARAM_NAMES:
             p = getattr(self, key)
@@ -265,7 +276,7 @@ class LoKr(RankedAdapter):
         return out
 
     @classmethod
-    def adapter_from_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> LoKr:
+    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> LoKr:
         layout, values = _read_layout(host, tensors, name)
         rank = layout.scale_rank
         alpha = read_alpha(tensors, name, rank if rank is not None else 1)
@@ -282,6 +293,27 @@ class LoKr(RankedAdapter):
             if module.scalar is not None:
                 module.scalar.fill_(1.0)
         return module
+
+    @classmethod
+    def file_weight_shape(cls, tensors: Mapping[str, Tensor]) -> tuple[tuple[int, ...], bool] | None:
+        """Full and Tucker W2 say the kernel; a low-rank conv W2 is stored flattened: a guess."""
+        g = {k: tuple(v.shape) for k, v in tensors.items()}
+        try:
+            a, c = (g["lokr_w1"] if "lokr_w1" in g else (g["lokr_w1_a"][0], g["lokr_w1_b"][1]))[:2]
+            if "lokr_w2" in g:
+                w2 = g["lokr_w2"]
+                return (a * w2[0], c * w2[1], *w2[2:]), True
+            if "lokr_t2" in g:
+                return (a * g["lokr_w2_a"][1], c * g["lokr_w2_b"][1], *g["lokr_t2"][2:]), True
+            return (a * g["lokr_w2_a"][0], c * g["lokr_w2_b"][1]), False
+        except (KeyError, IndexError):
+            return None
+
+    @classmethod
+    def combine_native(cls, parts: Sequence[CombinePart], build: Callable[[Mapping[str, Tensor]], Any],
+                       base: Any, dtype: torch.dtype) -> tuple[dict[str, Tensor], int | None]:
+        """One file only: w folded into W1 (a sum of Kronecker products is not one of the same rank)."""
+        return cls.fold_single(parts, ("lokr_w1", "lokr_w1_a"), dtype)
 
     def config(self) -> dict[str, Any]:
         layout = self.layout

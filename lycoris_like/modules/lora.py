@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ShapeMismatchError
+from ..errors import IncompatibleFileError, ShapeMismatchError
 from ..hosts import HostLayer
-from ..kernels.lowrank import lowrank_delta
-from .base import RankedAdapter, expect_shape, read_alpha, require_keys
+from ..kernels.lowrank import lowrank_add, lowrank_delta
+from .capabilities import Bypass, CombinePart, Factored, NativeCombine, NotNative, WeightFree
+from .files import expect_shape, read_alpha, require_keys
+from .ranked import RankedAdapter
 from .registry import register_algorithm
 
 
@@ -26,16 +28,16 @@ class Factor(nn.Module):
 
 
 @register_algorithm("lora", aliases=("locon",))
-class LoRA(RankedAdapter):
+class LoRA(Bypass, WeightFree, NativeCombine, Factored, RankedAdapter):
     """ΔW = (α/r)·up·down. `use_tucker` adds a core `lora_mid` (r, r, k…) for k>1 convs.
 
     `rs_lora` uses α/√r and stores α·√r in files so any reader recovers the same scale;
     `use_scalar` trains an extra scalar (init 0, `lora_up` random) folded into `lora_up` on save.
     """
 
-    file_keys = frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"})
+    file_keys = frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"})
     signature_keys = frozenset({"lora_down.weight", "lora_up.weight"})
-    dropout_in_bypass = True
+    bypass_dropout = True
 
     def __init__(self, host: HostLayer, dim: int = 4, alpha: float | None = 1.0, **options: Any) -> None:
         super().__init__(host, dim, alpha, **options)
@@ -54,81 +56,65 @@ class LoRA(RankedAdapter):
     # ------------------------------------------------------------------ ΔW
 
     def _up(self, mask: Tensor | None = None) -> Tensor:
-        """`lora_up` with the scalar folded in (as saved), then γ and an optional rank mask."""
-        up = self.with_scalar(self.lora_up.weight) * self.scale
+        """`lora_up` with the scalar folded in (as saved) and an optional rank mask; γ not applied."""
+        up = self.with_scalar(self.lora_up.weight)
         if mask is not None:
             up = up * mask.view(1, -1, *([1] * (up.dim() - 2)))
         return up
 
-    def adapter_delta(self, train: bool = False) -> Tensor:
+    def delta_weight(self, train: bool = False) -> Tensor:
         mid = self.lora_mid.weight if self.lora_mid is not None else None
         mask = self.rank_mask(self.rank, self.lora_up.weight) if train else None
-        return lowrank_delta(self._up(mask), self.lora_down.weight, mid)
+        return lowrank_delta(self._up(mask) * self.scale, self.lora_down.weight, mid)
 
-    def update_weight(self, acc: Tensor, multiplier: Tensor | None, train: bool = False, inplace: bool = False) -> Tensor:
-        """W + m·γ·up·down as one `addmm` in merge precision: no full-size ΔW, and a merge writes
-        straight into W (Tucker, DoRA and a non-contiguous W take the generic path)."""
-        if self.lora_mid is not None or self.dora_scale is not None or not acc.is_contiguous():
-            return super().update_weight(acc, multiplier, train, inplace)
-        mask = self.rank_mask(self.rank, self.lora_up.weight) if train and self.training_now else None
+    def add_delta(self, acc: Tensor, multiplier: float | Tensor, train: bool = False, inplace: bool = False) -> Tensor:
+        """W + m·γ·up·down as one `addmm` in merge precision, m·γ its alpha: no full-size ΔW, and a
+        merge writes straight into W (Tucker, a tensor multiplier and a non-contiguous W take the
+        generic path)."""
+        if self.lora_mid is not None or isinstance(multiplier, Tensor) or not acc.is_contiguous():
+            return super().add_delta(acc, multiplier, train, inplace)
+        mask = self.rank_mask(self.rank, self.lora_up.weight) if train else None
         up = self._up(mask).reshape(acc.shape[0], self.rank).to(acc.dtype)
-        if multiplier is not None:
-            up = up * multiplier.to(acc.dtype)
         down = self.lora_down.weight.reshape(self.rank, -1).to(acc.dtype)
         flat = acc.view(acc.shape[0], -1)
-        return (flat.addmm_(up, down) if inplace else torch.addmm(flat, up, down)).view(acc.shape)
-
-    def merged_norm(self) -> Tensor:
-        """Output-axis ‖W + ΔW‖ without building ΔW = U·D (the flattened factors): per row o,
-        ‖W_o + ΔW_o‖² = ‖W_o‖² + 2·U_o·(W Dᵀ)_o + U_o (D Dᵀ) U_oᵀ — two reads of W, no full-size
-        temporary (the rebuild path needs three full-size passes and their autograd)."""
-        if self.tucker or not self.wd_on_out:
-            return super().merged_norm()
-        with torch.no_grad():
-            weight = self.host.weight
-            dtype = torch.promote_types(weight.dtype, torch.float32)
-            w = weight.reshape(weight.shape[0], -1).to(dtype)
-            up = self._up().reshape(w.shape[0], -1).to(dtype)
-            down = self.lora_down.weight.reshape(up.shape[1], -1).to(dtype)
-            base = torch.linalg.vector_norm(w, dim=1)
-            change = 2 * (up * (w @ down.T)).sum(1) + ((up @ (down @ down.T)) * up).sum(1)
-            # ‖W_o‖·√(1 + c/‖W_o‖²): exactly ‖W_o‖ when ΔW = 0, so DoRA is the identity at init.
-            norm = torch.where(base > 0, base * (1 + change / base.square()).clamp_min(0).sqrt(), change.clamp_min(0).sqrt())
-            return norm.reshape(self.dora_scale.shape)
+        alpha = multiplier * self.scale
+        return (flat.addmm_(up, down, alpha=alpha) if inplace else torch.addmm(flat, up, down, alpha=alpha)).view(acc.shape)
 
     # ------------------------------------------------------------------ bypass
 
-    @property
-    def has_bypass(self) -> bool:
-        return self.host.groups == 1
+    def fast_path(self, train: bool) -> str | None:
+        return "bypass" if self.host.groups == 1 else None
 
-    def _down_path(self, x: Tensor) -> Tensor:
+    def _down_path(self, x: Tensor, train: bool) -> Tensor:
         """The rank-r activations: down (and the Tucker core) in the host's geometry, dropout on them."""
         host = self.host
         down = self.lora_down.weight.to(x.dtype)
         if self.lora_mid is not None:
             h = host.op(host.pointwise(x, down), self.lora_mid.weight.to(x.dtype), None)
-        elif host.is_conv:
-            h = host.op(x, down, None)
         else:
-            h = F.linear(x, down)
-        if self.dropout and self.training_now:
+            h = host.op(x, down, None)
+        if train and self.dropout:
             h = F.dropout(h, self.dropout)
         return h
 
-    def bypass(self, x: Tensor, base_out: Tensor) -> Tensor:
-        h = self._down_path(x)
-        mask = self.rank_mask(self.rank, h)
-        return self.host.pointwise(h, self._up(mask).to(x.dtype))
+    def bypass(self, x: Tensor, train: bool = False) -> Tensor:
+        h = self._down_path(x, train)
+        mask = self.rank_mask(self.rank, h) if train else None
+        return self.host.pointwise(h, (self._up(mask) * self.scale).to(x.dtype))
 
-    def add_output(self, out: Tensor, x: Tensor, base_out: Tensor) -> Tensor:
-        """out + m·up(down(x)) as one fused matmul-add, the multiplier folded into the rank-sized
-        up weight: no output-sized product, scaling or sum of its own (DoRA: the general path)."""
-        if not self.can_bypass or self.dora_scale is not None or x.dtype != out.dtype:
-            return super().add_output(out, x, base_out)
-        h = self._down_path(x)
-        up = self._up(self.rank_mask(self.rank, h)) * self.multiplier
-        return self.host.pointwise_add(out, h, up.to(x.dtype))
+    def bypass_add(self, out: Tensor, x: Tensor, multiplier: float | Tensor, train: bool = False,
+                   row_scale: Tensor | None = None) -> Tensor:
+        """out + m·γ·up(down(x)) by `kernels.lowrank.lowrank_add` (m·γ the gemm's alpha); the
+        generic path for a Tucker core, training-time dropout and a tensor multiplier (compile)."""
+        if (self.lora_mid is not None or isinstance(multiplier, Tensor)
+                or (train and (self.dropout or self.rank_dropout))):
+            return super().bypass_add(out, x, multiplier, train, row_scale)
+        dtype = out.dtype
+        up = self._up()
+        if row_scale is not None:
+            up = up * row_scale.reshape(-1, *([1] * (up.dim() - 1))).to(up.dtype)
+        return lowrank_add(out, x.to(dtype), self.lora_down.weight.to(dtype), up.to(dtype),
+                           multiplier * self.scale, self.host)
 
     def rebuild_flops(self) -> int:
         host = self.host
@@ -143,7 +129,7 @@ class LoRA(RankedAdapter):
 
     # ------------------------------------------------------------------ files
 
-    def adapter_tensors(self) -> dict[str, Tensor]:
+    def file_tensors(self) -> dict[str, Tensor]:
         out = {
             "lora_down.weight": self.lora_down.weight.detach(),
             "lora_up.weight": self.with_scalar(self.lora_up.weight).detach(),
@@ -154,7 +140,7 @@ class LoRA(RankedAdapter):
         return out
 
     @classmethod
-    def adapter_from_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> LoRA:
+    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> LoRA:
         require_keys(tensors, name, ("lora_down.weight", "lora_up.weight"))
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
         mid = tensors.get("lora_mid.weight")
@@ -179,3 +165,64 @@ class LoRA(RankedAdapter):
             if module.tucker:
                 module.lora_mid.weight.copy_(expect_shape(name, "lora_mid.weight", mid, (rank, rank, *k)))
         return module
+
+    # ------------------------------------------------------------------ tools
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(γ·up, down) in float64; a Tucker core is folded into down."""
+        up = self.with_scalar(self.lora_up.weight).detach().double().reshape(self.host.out_features, self.rank) * self.scale
+        down = self.lora_down.weight.detach().double()
+        if self.lora_mid is not None:
+            down = torch.einsum("ij...,jq->iq...", self.lora_mid.weight.detach().double(), down.reshape(self.rank, -1))
+        return up, down.reshape(self.rank, -1)
+
+    @classmethod
+    def file_weight_shape(cls, tensors: Mapping[str, Tensor]) -> tuple[tuple[int, ...], bool] | None:
+        down, up, mid = (tensors.get(k) for k in ("lora_down.weight", "lora_up.weight", "lora_mid.weight"))
+        if down is None or up is None or down.dim() < 2 or up.dim() < 1:
+            return None
+        if mid is not None:
+            return (up.shape[0], down.shape[1], *mid.shape[2:]), True
+        return (up.shape[0], *down.shape[1:]), True
+
+    @classmethod
+    def combine_native(cls, parts: Sequence[CombinePart], build: Callable[[Mapping[str, Tensor]], Any],
+                       base: Any, dtype: torch.dtype) -> tuple[dict[str, Tensor], int | None]:
+        """Ranks concatenated: each part's wᵢ·αᵢ/rᵢ folded into its `lora_up` rows, α = Σ rᵢ (scale 1),
+        Tucker cores block-diagonal (mixed Tucker/plain: cores folded into `lora_down`). One part:
+        its w folded into `lora_up`, rank and α kept."""
+        if any("dora_scale" in tensors for _, tensors in parts):
+            raise NotNative("DoRA is not linear in its factors")
+        mods = [build(tensors) for _, tensors in parts]
+        if len(parts) == 1:
+            (w, tensors), mod = parts[0], mods[0]
+            out = dict(tensors)
+            out["lora_up.weight"] = (tensors["lora_up.weight"].double() * w).to(dtype).contiguous()
+            return out, mod.rank
+        ups, downs, mids = [], [], []
+        tucker = all(m.lora_mid is not None for m in mods)
+        for (w, _), mod in zip(parts, mods):
+            up = mod.lora_up.weight.double() * (w * mod.scale)
+            down = mod.lora_down.weight.double()
+            if mod.lora_mid is not None and not tucker:  # fold the core: ΔW = up · (mid ×₂ down)
+                mid = mod.lora_mid.weight.double()
+                down = torch.einsum("ij...,jq->iq...", mid, down.reshape(down.shape[0], down.shape[1]))
+            ups.append(up)
+            downs.append(down)
+            mids.append(None if mod.lora_mid is None else mod.lora_mid.weight.double())
+        if len({tuple(d.shape[1:]) for d in downs}) != 1 or len({(u.shape[0], *u.shape[2:]) for u in ups}) != 1:
+            raise IncompatibleFileError("the files' factor shapes do not fit one layer")
+        rank = sum(d.shape[0] for d in downs)
+        out = {"lora_up.weight": torch.cat(ups, 1).to(dtype).contiguous(),
+               "lora_down.weight": torch.cat(downs, 0).to(dtype).contiguous(),
+               "alpha": torch.tensor(float(rank), dtype=torch.float32)}
+        if tucker:
+            kernel = mids[0].shape[2:]
+            core = torch.zeros(rank, rank, *kernel, dtype=torch.float64)
+            at = 0
+            for mid in mids:
+                r = mid.shape[0]
+                core[at:at + r, at:at + r] = mid
+                at += r
+            out["lora_mid.weight"] = core.to(dtype).contiguous()
+        return out, rank

@@ -13,32 +13,24 @@ frozen at their learned values (buffers) and `v` shrinks in place.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, IncompatibleFileError
+from ..errors import IncompatibleFileError
 from ..hosts import LINEAR_AND_CONV, NORMS, HostLayer
 from ..kernels import sparse
 from ..kernels.patch import EntryPatch
-from .base import AdapterModule, float32_exact, require_keys
+from ..kernels.sparse import check_threshold
+from .base import AdapterModule
+from .capabilities import CombinePart, EntryPatches, NativeCombine, NotNative
+from .files import float32_exact, require_keys
 from .registry import register_algorithm
 
 WEIGHT_KEYS = ("sara_values", "sara_indices", "sara_nnz", "sara_checksum")
 BIAS_KEYS = ("sara_b_values", "sara_b_indices", "sara_b_nnz", "sara_b_checksum")
-
-
-def check_threshold(threshold: Any) -> float:
-    """θ as a float32-exact positive finite float (masks compare float32 values against it)."""
-    try:
-        value = float(threshold)
-    except (TypeError, ValueError):
-        raise ConfigError(f"threshold must be a positive number, got {threshold!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"threshold must be finite and > 0, got {threshold!r}")
-    return float32_exact(value)
 
 
 def sara_lr(threshold: float) -> float:
@@ -74,7 +66,7 @@ class SparseEntries(nn.Module):
         """Selected entries in total (trained and frozen): |{|P₀| < θ}|."""
         return self.index.numel() + self.frozen_index.numel()
 
-    def apply(self, acc: Tensor, multiplier: Tensor, keep: Tensor | None = None) -> Tensor:
+    def apply(self, acc: Tensor, multiplier: float | Tensor, keep: Tensor | None = None) -> Tensor:
         """acc with the selected entries updated; `keep` (training-time dropout over the trained
         entries) scales each entry's multiplier."""
         trained = multiplier if keep is None else multiplier * keep
@@ -83,7 +75,7 @@ class SparseEntries(nn.Module):
             out = sparse.sparse_update(out, self.frozen_index, self.frozen_values, self.frozen_base, multiplier)
         return out
 
-    def patches(self, slot: int, multiplier: Tensor) -> list[EntryPatch]:
+    def patches(self, slot: int, multiplier: float | Tensor) -> list[EntryPatch]:
         """This part's update as entry patches of the host tensor in `slot` (`kernels.patch`):
         the entries of `apply`, computed by the same formula."""
         out: list[EntryPatch] = [
@@ -163,7 +155,7 @@ class SparseEntries(nn.Module):
 
 
 @register_algorithm("sara")
-class SaRA(AdapterModule):
+class SaRA(EntryPatches, NativeCombine, AdapterModule):
     """Sparse fine-tuning of the entries with |P₀| < θ (strict, float32 values, one θ per network).
 
     Options: `threshold` θ (default 2e-3); `train_bias` also trains the bias entries below θ;
@@ -216,11 +208,6 @@ class SaRA(AdapterModule):
         dtype = self.host.weight.dtype
         return dtype if dtype in (torch.float32, torch.float64) else torch.float64
 
-    @property
-    def shared_merge_dtype(self) -> torch.dtype:
-        """float64, so that P₀ + Σ mᵢ·ΔPᵢ over every adapter of the rebuild is rounded once."""
-        return torch.float64
-
     def default_lr(self, name: str) -> float | None:
         return sara_lr(self.threshold)
 
@@ -230,25 +217,25 @@ class SaRA(AdapterModule):
 
     # ------------------------------------------------------------------ ΔW: only our own entries
 
-    def adapter_delta(self, train: bool = False) -> Tensor:
+    def delta_weight(self, train: bool = False) -> Tensor:
         return self.sparse_weight.delta(self.param_dtype)
 
     def delta_bias(self) -> Tensor | None:
         return None if self.sparse_bias is None else self.sparse_bias.delta(self.param_dtype)
 
-    def update_weight(self, acc: Tensor, multiplier: Tensor | None, train: bool = False, inplace: bool = False) -> Tensor:
+    def add_delta(self, acc: Tensor, multiplier: float | Tensor, train: bool = False, inplace: bool = False) -> Tensor:
         # rank_dropout: SaRA has no rank, so it drops individual trained entries' updates. The
         # scatter is out of place whatever `inplace` says: a merge copies its result over.
         values = self.sparse_weight.values
         keep = self.rank_mask(values.numel(), values) if train else None
-        return self.sparse_weight.apply(acc, self._multiplier(multiplier), keep)
+        return self.sparse_weight.apply(acc, single(multiplier, self.multiplier.dtype), keep)
 
-    def entry_patches(self, multiplier: Tensor | None, train: bool = False) -> list[EntryPatch] | None:
+    def entry_patches(self, multiplier: float | Tensor, train: bool = False) -> list[EntryPatch] | None:
         # Rank dropout draws a keep-mask per call, which backward would have to draw again: that
         # case rebuilds instead (kernels.rebuild replays the random state).
         if train and self.rank_dropout and self.training_now:
             return None
-        m = self._multiplier(multiplier)
+        m = single(multiplier, self.multiplier.dtype)
         return [patch for slot, part in enumerate((self.sparse_weight, self.sparse_bias)) if part is not None
                 for patch in part.patches(slot, m)]
 
@@ -256,11 +243,8 @@ class SaRA(AdapterModule):
     def changes_bias(self) -> bool:
         return self.sparse_bias is not None
 
-    def update_bias(self, acc: Tensor, multiplier: Tensor | None, inplace: bool = False) -> Tensor:
-        return acc if self.sparse_bias is None else self.sparse_bias.apply(acc, self._multiplier(multiplier))
-
-    def _multiplier(self, multiplier: Tensor | None) -> Tensor:
-        return self.multiplier.new_ones(()) if multiplier is None else multiplier
+    def add_delta_bias(self, acc: Tensor, multiplier: float | Tensor, inplace: bool = False) -> Tensor:
+        return acc if self.sparse_bias is None else self.sparse_bias.apply(acc, single(multiplier, self.multiplier.dtype))
 
     def rebuild_flops(self) -> int:
         return self.nnz + self.host.weight.numel()
@@ -270,7 +254,7 @@ class SaRA(AdapterModule):
 
     # ------------------------------------------------------------------ files
 
-    def adapter_tensors(self) -> dict[str, Tensor]:
+    def file_tensors(self) -> dict[str, Tensor]:
         out = {"sara_threshold": torch.tensor(self.threshold, dtype=torch.float32)}
         for keys, part in ((WEIGHT_KEYS, self.sparse_weight), (BIAS_KEYS, self.sparse_bias)):
             if part is None:
@@ -283,7 +267,7 @@ class SaRA(AdapterModule):
         return out
 
     @classmethod
-    def adapter_from_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> SaRA:
+    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> SaRA:
         require_keys(tensors, name, ("sara_threshold", *WEIGHT_KEYS))
         threshold = read_threshold(tensors, name)
         has_bias = any(k in tensors for k in BIAS_KEYS)
@@ -303,6 +287,37 @@ class SaRA(AdapterModule):
             verify_base(tensors, name, keys, part, threshold, what)
             part.load(tensors[keys[0]])
         return module
+
+
+    @classmethod
+    def combine_native(cls, parts: Sequence[CombinePart], build: Callable[[Mapping[str, Tensor]], Any],
+                       base: Any, dtype: torch.dtype) -> tuple[dict[str, Tensor], int | None]:
+        """P₀ + Σ wᵢ·ΔPᵢ on the shared mask, ΔPᵢ = vᵢ − P₀ (float64, rounded once). Files of
+        different θ (nested masks) go dense instead."""
+        if base is None:
+            raise NotNative("SaRA stores trained values, so combining needs the base weights (--base)")
+        groups = [t for _, t in parts]
+        out = dict(groups[0])
+        for values_key, index_key, p0_tensor in (("sara_values", "sara_indices", base.weight),
+                                                 ("sara_b_values", "sara_b_indices", base.bias)):
+            present = [g for g in groups if values_key in g]
+            if not present:
+                continue
+            if len(present) != len(groups) or any(not torch.equal(g[index_key], groups[0][index_key]) for g in groups):
+                raise NotNative("the files select different entries (another θ)")
+            index = groups[0][index_key].long()
+            p0 = p0_tensor.detach().reshape(-1)[index].double()
+            total = p0 + sum(w * (g[values_key].double() - p0) for (w, _), g in zip(parts, groups))
+            out[values_key] = total.to(groups[0][values_key].dtype)
+        return out, None
+
+
+def single(multiplier: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """The multiplier in the host's compute dtype (the multiplier buffer's): on float32 hosts a
+    float32 value, so m·(v − P₀) is exact in float64 (24 + 29 bits) and P₀ + m·ΔP is rounded once."""
+    if isinstance(multiplier, Tensor) or dtype == torch.float64:
+        return multiplier
+    return float32_exact(multiplier)
 
 
 # --------------------------------------------------------------------------- file validation

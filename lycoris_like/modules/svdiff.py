@@ -5,7 +5,7 @@ host's weight (tall orientation). W' = U·diag(ReLU(σ + s·δ))·Vh, so
 
     ΔW(s) = U·diag(ReLU(σ + s·δ) − σ)·Vh,
 
-with the runtime multiplier s **inside** the ReLU (`linear_in_multiplier = False`): s = 0 gives the
+with the runtime multiplier s **inside** the ReLU (`add_delta` and the forward paths put it there): s = 0 gives the
 base exactly, δ = 0 gives ΔW = 0 exactly, and `delta_weight()` is ΔW(1). Norm layers follow
 `one_d`: "scalar" (svdiff-pytorch: one δ per layer, γ' = ReLU(‖γ‖ + s·δ)·γ/‖γ‖ — the same
 formula on γ seen as a 1 × C matrix), "direct" (the paper: a shift of γ's own shape, Δγ = s·δ),
@@ -14,14 +14,14 @@ or "none". Biases are never trained.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, IncompatibleFileError, MergeError, ShapeMismatchError
+from ..errors import ConfigError, IncompatibleFileError, ShapeMismatchError
 from ..hosts import LINEAR_AND_CONV, NORMS, HostLayer, compute_dtype
 from ..kernels.spectral import (
     as_matrix,
@@ -33,7 +33,18 @@ from ..kernels.spectral import (
     tall_svd,
     weight_checksum,
 )
-from .base import MERGE_STACK, AdapterModule, require_keys
+from .base import AdapterModule
+from .capabilities import (
+    Bypass,
+    CombinePart,
+    InputMap,
+    NativeCombine,
+    NonlinearMultiplier,
+    NotNative,
+    OutputMap,
+    ReadsHostWeight,
+)
+from .files import require_keys
 from .registry import register_algorithm
 
 ONE_D_MODES = ("scalar", "direct", "none")
@@ -52,7 +63,7 @@ def check_one_d(value: Any) -> str:
 
 
 @register_algorithm("svdiff")
-class SVDiff(AdapterModule):
+class SVDiff(OutputMap, InputMap, Bypass, NonlinearMultiplier, ReadsHostWeight, NativeCombine, AdapterModule):
     """Spectral shifts on Linear, Conv1d/2d/3d, Embedding and (per `one_d`) LayerNorm/GroupNorm.
 
     Options: `one_d` ("scalar" default, "direct", "none"); `svd_buffers` — what is kept per layer:
@@ -70,8 +81,7 @@ class SVDiff(AdapterModule):
     host_kinds = LINEAR_AND_CONV | NORMS | frozenset({"embedding"})
     file_keys = frozenset({"delta", "gain_delta", "base_hash"})
     signature_keys = frozenset({"delta", "gain_delta"})
-    dropout_in_bypass = True
-    linear_in_multiplier = False
+    bypass_dropout = True
 
     def __init__(
         self,
@@ -171,84 +181,76 @@ class SVDiff(AdapterModule):
                 multiplier = multiplier.to(vec.dtype)
             return (multiplier * vec).reshape(1, -1)
         if self.recovers:
-            self.check_base_weight()
             g = self.gain(multiplier, train)
             return lean_delta(as_matrix(self.host.weight), self.small, self.S, g, self.tail, self.tall)
         return spectral_delta(self.U, self.gain(multiplier, train), self.Vh)
 
-    def check_base_weight(self) -> None:
-        """compact/lean recover singular vectors from the host weight: refuse one another network
-        has merged into (not while torch.compile traces: it cannot read a tensor's `__dict__`)."""
-        if not torch.compiler.is_compiling() and self.host.weight.__dict__.get(MERGE_STACK):
-            raise MergeError(
-                f"svdiff with svd_buffers={self.svd_buffers!r} recovers its singular vectors from the host "
-                "weight, which a merged network has changed; unmerge first, or use svd_buffers='float32'"
-            )
+    def reads_host_weight(self) -> str | None:
+        """compact/lean recover singular vectors from the host weight, so it must be the base."""
+        if not self.recovers:
+            return None
+        return (f"svdiff with svd_buffers={self.svd_buffers!r} recovers its singular vectors from the host weight "
+                "(use svd_buffers='float32' to keep them)")
 
-    def scaled_delta(self, multiplier: Tensor | None, train: bool = False) -> Tensor:
+    def delta_at(self, multiplier: float | Tensor, train: bool = False) -> Tensor:
         """ΔW(s) with s inside the ReLU, in merge precision: what rebuilds and merges add to W."""
-        if multiplier is None:
-            multiplier = torch.ones((), dtype=self.param_dtype, device=self.host.weight.device)
-        delta = self.spectral_matrix(multiplier, train and self.training_now)
+        delta = self.spectral_matrix(multiplier, train)
         return delta.reshape(self.host.weight.shape).to(self.merge_dtype)
 
-    def adapter_delta(self, train: bool = False) -> Tensor:
+    def delta_weight(self, train: bool = False) -> Tensor:
         """ΔW at s = 1."""
-        return self.scaled_delta(None, train)
+        return self.delta_at(1.0, train)
 
-    # ------------------------------------------------------------------ bypass
+    def add_delta(self, acc: Tensor, multiplier: float | Tensor, train: bool = False, inplace: bool = False) -> Tensor:
+        delta = self.delta_at(multiplier, train).to(acc.dtype)
+        return acc.add_(delta) if inplace else acc + delta
 
-    @property
-    def has_bypass(self) -> bool:
+    # ------------------------------------------------------------------ forward paths
+
+    def fast_path(self, train: bool) -> str | None:
+        """compact: the output map ("out", "emb") or the input map ("in") of `side`; float32 and
+        float64: the spectral bypass; lean, norms and grouped convs: none (rebuild)."""
         if self.is_norm or self.host.groups != 1:
-            return False
-        return self.side is not None if self.recovers else True
+            return None
+        if self.recovers:
+            return {"out": "output", "emb": "output", "in": "input"}.get(self.side or "")
+        return "bypass"
 
-    @property
-    def reads_base_out(self) -> bool:
-        """The compact paths need the pure host op: its output ("out", "emb") or its input ("in")."""
-        return self.side is not None
-
-    @property
-    def maps_input(self) -> bool:
-        return self.side == "in"
-
-    def spectral_bypass(self, x: Tensor, multiplier: Tensor | float) -> Tensor:
+    def spectral_bypass(self, x: Tensor, multiplier: Tensor | float, train: bool) -> Tensor:
         """op(x, ΔW(s)) without building ΔW from U and Vh: (x·Vhᵀ)·diag(g)·Uᵀ."""
         dtype = x.dtype if x.is_floating_point() else self.host.weight.dtype  # embedding: x holds indices
-        g = self.gain(multiplier, self.training_now).to(dtype)
-        return self.factored_bypass(x, self.U.to(dtype), g, self.Vh.to(dtype))
+        g = self.gain(multiplier, train).to(dtype)
+        return self.factored_bypass(x, self.U.to(dtype), g, self.Vh.to(dtype), train)
 
-    def factored_bypass(self, x: Tensor, u: Tensor, g: Tensor, vh: Tensor) -> Tensor:
+    def factored_bypass(self, x: Tensor, u: Tensor, g: Tensor, vh: Tensor, train: bool) -> Tensor:
         """op(x, U·diag(g)·Vh) for explicit factors U (out, k), Vh (k, n): the Vh step in the host's
         own geometry (conv: a conv with Vh as a (k, in, k…) kernel; embedding: rows of U)."""
         host, k = self.host, g.shape[0]
         if host.kind == "embedding":
             h = F.embedding(x, u)  # U[x]: (…, k)
-            if self.dropout and self.training_now:
+            if train and self.dropout:
                 h = F.dropout(h, self.dropout)
             return (h * g) @ vh
         if host.is_conv:
             h = host.op(x, vh.reshape(k, host.in_features, *host.kernel_size), None)
-            if self.dropout and self.training_now:
+            if train and self.dropout:
                 h = F.dropout(h, self.dropout)
             h = h * g.reshape(k, *host.ones)
             return host.pointwise(h, u.reshape(host.out_features, k, *host.ones))
         h = F.linear(x, vh)
-        if self.dropout and self.training_now:
+        if train and self.dropout:
             h = F.dropout(h, self.dropout)
         return F.linear(h * g, u)
 
-    def side_terms(self, dtype: torch.dtype, multiplier: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    def side_terms(self, dtype: torch.dtype, multiplier: Tensor | float, train: bool) -> tuple[Tensor, Tensor, Tensor]:
         """(g, Q, g/σ) for the compact paths: the gain, the small factor's head as (channels, head)
         and the head's ratio, in `dtype`."""
-        self.check_base_weight()
-        g = self.gain(multiplier, self.training_now)
+        g = self.gain(multiplier, train)
         head = self.head
         q = self.small[:, :head] if self.side == "out" else self.small[:head].T
         return g.to(dtype), q.to(dtype), (g[:head] / self.S[:head]).to(dtype)
 
-    def side_map(self, t: Tensor, q: Tensor, ratio: Tensor, shift: Tensor | None = None,
+    def side_map(self, t: Tensor, q: Tensor, ratio: Tensor, train: bool, shift: Tensor | None = None,
                  acc: Tensor | None = None) -> Tensor:
         """acc + Q·diag(g/σ)·Qᵀ·(t − shift) along the channel axis (`acc` defaults to `t`; `shift`:
         the bias on the output side). The output side gives U·diag(g/σ)·Uᵀ·(W·x) = ΔW·x, the input
@@ -259,7 +261,7 @@ class SVDiff(AdapterModule):
         if shift is not None:
             bias = q.T @ shift.to(q.dtype)
             h = h - (bias.reshape(-1, *host.ones) if conv else bias)
-        if self.dropout and self.training_now:
+        if train and self.dropout:
             h = F.dropout(h, self.dropout)
         acc = t if acc is None else acc
         if conv:
@@ -267,52 +269,33 @@ class SVDiff(AdapterModule):
         flat = torch.addmm(acc.reshape(-1, acc.shape[-1]), (h * ratio).reshape(-1, ratio.shape[0]), q.T)
         return flat.reshape(acc.shape)
 
-    def input_map(self, x: Tensor) -> Tensor:
+    def input_map(self, x: Tensor, multiplier: float | Tensor, train: bool = False) -> Tensor:
         """x' with op(x', W) = op(x, W + ΔW(s)) (side "in": a tall Linear or 1×1 conv without tail)."""
-        g, q, ratio = self.side_terms(x.dtype, self.multiplier)
-        return self.side_map(x, q, ratio)
+        g, q, ratio = self.side_terms(x.dtype, multiplier, train)
+        return self.side_map(x, q, ratio, train)
 
-    def add_output(self, out: Tensor, x: Tensor, base_out: Tensor) -> Tensor:
-        """`out` + op(x, ΔW(s)); on the output side through the pure host output `base_out`."""
-        if self.side not in ("out", "emb") or not self.can_bypass:
-            return super().add_output(out, x, base_out)
-        g, q, ratio = self.side_terms(base_out.dtype, self.multiplier)
-        out = self.side_map(base_out, q, ratio, self.host.bias if self.side == "out" else None, acc=out)
-        return out if self.tail is None else out + self.tail_bypass(x, g)
+    def output_map(self, base_out: Tensor, x: Tensor, multiplier: float | Tensor, train: bool = False) -> Tensor:
+        """op(x, W + ΔW(s)) through the pure host output (sides "out", "emb")."""
+        g, q, ratio = self.side_terms(base_out.dtype, multiplier, train)
+        out = self.side_map(base_out, q, ratio, train, self.host.bias if self.side == "out" else None, acc=base_out)
+        return out if self.tail is None else out + self.tail_bypass(x, g, train)
 
-    def tail_bypass(self, x: Tensor, g: Tensor) -> Tensor:
+    def tail_bypass(self, x: Tensor, g: Tensor, train: bool) -> Tensor:
         """op(x, ΔW) of the singular values kept explicitly (`tail`), from their two factors."""
         head = self.head
         if self.tall:
-            return self.factored_bypass(x, self.tail.to(g.dtype), g[head:], self.small[head:].to(g.dtype))
-        return self.factored_bypass(x, self.small[:, head:].to(g.dtype), g[head:], self.tail.T.to(g.dtype))
+            return self.factored_bypass(x, self.tail.to(g.dtype), g[head:], self.small[head:].to(g.dtype), train)
+        return self.factored_bypass(x, self.small[:, head:].to(g.dtype), g[head:], self.tail.T.to(g.dtype), train)
 
-    def bypass(self, x: Tensor, base_out: Tensor) -> Tensor:
-        """op(x, ΔW) at s = 1 (the contract's multiplier-free contribution); the forward uses
-        `adapter_output`, which puts the runtime multiplier inside the ReLU."""
-        return self.side_output(x, base_out, 1.0)
+    def bypass(self, x: Tensor, train: bool = False) -> Tensor:
+        """op(x, ΔW) at s = 1 (float32/float64 layouts: from U and Vh)."""
+        return self.spectral_bypass(x, 1.0, train)
 
-    def side_output(self, x: Tensor, base_out: Tensor, multiplier: Tensor | float) -> Tensor:
-        """op(x, ΔW(s)) by whichever bypass this layer has (the compact "in" side: a second host op,
-        W·(Vhᵀ·diag(g/σ)·Vh·x) — the dispatcher maps the input instead)."""
-        if self.side is None:
-            return self.spectral_bypass(x, multiplier)
-        g, q, ratio = self.side_terms(base_out.dtype, multiplier)
-        if self.side == "in":
-            return self.host.op(self.side_map(x, q, ratio, acc=torch.zeros_like(x)), self.host.weight, None)
-        bias = self.host.bias if self.side == "out" else None
-        out = self.side_map(base_out, q, ratio, bias, acc=torch.zeros_like(base_out))
-        return out if self.tail is None else out + self.tail_bypass(x, g)
-
-    def adapter_output(self, x: Tensor, base_out: Tensor) -> Tensor:
-        """The separate path with the multiplier inside the ReLU (never a factor outside)."""
-        if self.can_bypass:
-            return self.side_output(x, base_out, self.multiplier)
-        dtype = x.dtype if x.is_floating_point() else self.host.weight.dtype
-        out = self.host.op(x, self.scaled_delta(self.multiplier, train=True).to(dtype), None)
-        if self.dropout and self.training_now:
-            out = F.dropout(out, self.dropout)
-        return out
+    def bypass_add(self, out: Tensor, x: Tensor, multiplier: float | Tensor, train: bool = False,
+                   row_scale: Tensor | None = None) -> Tensor:
+        """out + op(x, ΔW(s)) with s inside the ReLU (never a factor outside)."""
+        y = self.spectral_bypass(x, multiplier, train).to(out.dtype)
+        return out + (y if row_scale is None else row_scale * y)
 
     def rebuild_flops(self) -> int:
         if self.is_norm:
@@ -335,7 +318,7 @@ class SVDiff(AdapterModule):
     def base_hash_tensor(self) -> Tensor:
         return torch.tensor(self.base_hash, dtype=torch.int64)
 
-    def adapter_tensors(self) -> dict[str, Tensor]:
+    def file_tensors(self) -> dict[str, Tensor]:
         key, value = ("gain_delta", self.gain_delta) if self.direct else ("delta", self.delta)
         return {key: value.detach(), "base_hash": self.base_hash_tensor()}
 
@@ -344,7 +327,7 @@ class SVDiff(AdapterModule):
         return sum(b.numel() * b.element_size() for b in self.buffers() if b is not self.multiplier)
 
     @classmethod
-    def adapter_from_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> SVDiff:
+    def from_file_tensors(cls, host: HostLayer, tensors: Mapping[str, Tensor], name: str, **options: Any) -> SVDiff:
         is_norm = host.kind in NORMS
         if "delta" in tensors and "gain_delta" in tensors:
             raise IncompatibleFileError(
@@ -379,6 +362,19 @@ class SVDiff(AdapterModule):
         with torch.no_grad():
             getattr(module, key).copy_(value.reshape(expected))
         return module
+
+    @classmethod
+    def combine_native(cls, parts: Sequence[CombinePart], build: Callable[[Mapping[str, Tensor]], Any],
+                       base: Any, dtype: torch.dtype) -> tuple[dict[str, Tensor], int | None]:
+        """Shifts add in δ space: ReLU(σ + Σ wᵢ·δᵢ) (the paper's rule; the multiplier sits inside
+        the ReLU, so this is not Σ wᵢ·ΔWᵢ where σ + δ clips). All files must share the base."""
+        keys = {("gain_delta" if "gain_delta" in t else "delta") for _, t in parts}
+        if len(keys) != 1:
+            raise NotNative("spectral (delta) and direct norm (gain_delta) shifts do not add")
+        hashes = {int(t["base_hash"].reshape(-1)[0]) for _, t in parts if "base_hash" in t}
+        if len(hashes) > 1:
+            raise NotNative("the files were trained on different base weights (base_hash differs)")
+        return cls.summed(parts, (keys.pop(),), dtype)
 
     def config(self) -> dict[str, Any]:
         return {"algo": self.algo, "one_d": self.one_d, "svd_buffers": self.svd_buffers}

@@ -16,11 +16,8 @@ from torch import Tensor
 from ..errors import ConfigError, IncompatibleFileError
 from ..formats.container import check_tensors, read_safetensors
 from ..hosts import HostLayer
-from ..modules import AdapterModule, detect_algorithm
+from ..modules import AdapterModule, WeightFree, detect_algorithm
 from .base import Location, make_host
-
-WEIGHT_FREE = frozenset({"lora", "loha", "lokr", "full"})
-"""Algorithms whose ΔW is a function of the file alone (without `dora_scale`): no base needed."""
 
 
 @dataclass
@@ -66,37 +63,23 @@ class AdapterFile:
         return self._algos[name]
 
     def weight_free(self, name: str) -> bool:
-        return self._algos[name].algo in WEIGHT_FREE and "dora_scale" not in self.modules[name]
+        """Whether the module's ΔW is a function of the file alone (no base model needed)."""
+        cls = self._algos[name]
+        return issubclass(cls, WeightFree) and not cls.needs_base(self.modules[name])
 
 
-def file_weight_shape(algo: str, group: Mapping[str, Tensor]) -> tuple[tuple[int, ...], bool] | None:
+def file_weight_shape(cls: type[AdapterModule], group: Mapping[str, Tensor]) -> tuple[tuple[int, ...], bool] | None:
     """The host weight shape a module's tensors imply, and whether it is certain (False: a flat
-    (out, in·k…) guess — LoHa and low-rank LoKr store conv factors flattened)."""
-    g = {k: tuple(v.shape) for k, v in group.items()}
-    try:
-        if algo == "lora":
-            down, up = g["lora_down.weight"], g["lora_up.weight"]
-            if "lora_mid.weight" in g:
-                return (up[0], down[1], *g["lora_mid.weight"][2:]), True
-            return (up[0], *down[1:]), True
-        if algo == "full":
-            return g["diff"], True
-        if algo == "loha":
-            if "hada_t1" in g:
-                return (g["hada_w1_a"][1], g["hada_w1_b"][1], *g["hada_t1"][2:]), True
-            b = g["hada_w1_b"]
-            return ((g["hada_w1_a"][0], *b[1:]), len(b) > 2)
-        if algo == "lokr":
-            a, c = (g["lokr_w1"] if "lokr_w1" in g else (g["lokr_w1_a"][0], g["lokr_w1_b"][1]))[:2]
-            if "lokr_w2" in g:
-                w2 = g["lokr_w2"]
-                return (a * w2[0], c * w2[1], *w2[2:]), True
-            if "lokr_t2" in g:
-                return (a * g["lokr_w2_a"][1], c * g["lokr_w2_b"][1], *g["lokr_t2"][2:]), True
-            return (a * g["lokr_w2_a"][0], c * g["lokr_w2_b"][1]), False
-    except (KeyError, IndexError):
-        return None
-    return None
+    (out, in·k…) guess), from the algorithm's `WeightFree.file_weight_shape`; None if it cannot say."""
+    return cls.file_weight_shape(group) if issubclass(cls, WeightFree) else None
+
+
+def describe(cls: type[AdapterModule]) -> str:
+    """The algorithm's name, with the variant it carries (`lora with weight_decompose`)."""
+    from ..modules.registry import variants_of
+
+    extra = [v.option for v in variants_of(cls) if issubclass(cls, v.mixin)]
+    return cls.algo + "".join(f" with {option}" for option in extra)
 
 
 def stand_in(shape: tuple[int, ...], path: str = "") -> HostLayer:
@@ -136,7 +119,7 @@ class Hosts:
         guess = None
         for f in files:
             if name in f.modules:
-                found = file_weight_shape(f.algo(name).algo, f.modules[name])
+                found = file_weight_shape(f.algo(name), f.modules[name])
                 if found is not None and (guess is None or (found[1] and not guess[1])):
                     guess = found
         return guess
@@ -148,10 +131,9 @@ class Hosts:
                 self._cache[name] = loc.component.host(loc.path)
             return self._cache[name]
         if not file.weight_free(name):
-            algo = file.algo(name).algo
-            why = "DoRA" if "dora_scale" in file.modules[name] else algo
             raise IncompatibleFileError(
-                f"{name}: ΔW of {why} depends on the base weights; give the base model (--base)", keys=[name]
+                f"{name}: ΔW of {describe(file.algo(name))} depends on the base weights; give the base model (--base)",
+                keys=[name],
             )
         shape = self.shape(name, files)
         if shape is None:

@@ -1,6 +1,6 @@
 """bake: a base checkpoint + adapter files with multipliers → a new checkpoint with them merged.
 
-Each targeted layer is read alone, merged with `modules.base.adapted_parameters` — the very
+Each targeted layer is read alone, merged with `modules.compose.adapted_parameters` — the very
 function `AdapterNetwork.merge()` and the rebuild forward use, so the baked weights are bit-for-bit
 what `merge()` gives: W + Σ mᵢ·ΔWᵢ in fp32 (fp64 for fp64 weights), cast once to the base's dtype —
 and released. Untouched tensors are copied as they are. Peak memory is about one copy of the
@@ -25,7 +25,7 @@ from torch import Tensor
 from .._version import __version__
 from ..errors import ConfigError, IncompatibleFileError, MergeError, format_keys
 from ..formats.container import atomic_folder, write_safetensors
-from ..modules.base import adapted_parameters
+from ..modules.compose import adapted_parameters
 from .adapters import AdapterFile, build, stand_in
 from .base import Base, CheckpointComponent, Location, open_base
 from .progress import track
@@ -86,13 +86,9 @@ def _plan(base: Base, files: list[tuple[AdapterFile, float]], strict: bool) -> t
 def merged_layer(comp: CheckpointComponent, path: str, adapters: list[tuple[str, AdapterFile, float]]) -> tuple[Tensor, Tensor | None]:
     """The layer's weight and bias with the adapters merged, in the base's dtypes."""
     host = comp.host(path)
-    modules = []
-    for name, f, m in adapters:
-        module = build(f.algo(name), host, f.modules[name], name)
-        module.multiplier.fill_(m)
-        modules.append(module)
+    modules = [build(f.algo(name), host, f.modules[name], name) for name, f, _ in adapters]
     with torch.no_grad():
-        weight, bias = adapted_parameters(host, modules, [a.multiplier for a in modules])
+        weight, bias = adapted_parameters(host, modules, [m for _, _, m in adapters])
     for new, old in ((weight, host.weight), (bias, host.bias)):
         if new is not None and bool((~torch.isfinite(new) & torch.isfinite(old)).any()):
             raise MergeError(f"{comp.label}: merging into {path} would create NaN/Inf; nothing was written")

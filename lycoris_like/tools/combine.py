@@ -2,13 +2,11 @@
 
 Per module, three ways:
 
-- **native** — the algorithm's own space, exact up to one rounding per stored entry:
-  LoRA/LoCon concatenates ranks (each file's wᵢ·αᵢ/rᵢ folded into its `lora_up` rows, α = Σrᵢ,
-  Tucker cores block-diagonal, mixed Tucker/plain folded to plain); full/diff and (IA)³ (same
-  side) sum their tensors; SVDiff sums its shifts in δ space (the paper's rule, not Σ ΔWᵢ);
-  SaRA gives P₀ + Σ wᵢ·ΔPᵢ on a shared mask (needs the base); LoHa and LoKr combine only a single
-  file (w folded into the first factor: a sum of Hadamard or Kronecker products is not one of the
-  same rank). A single file with weight 1 is copied bit-exactly whatever the algorithm.
+- **native** — the algorithm's own space (its `NativeCombine.combine_native`), exact up to one
+  rounding per stored entry: LoRA/LoCon concatenates ranks, full/diff and (IA)³ sum their tensors,
+  SVDiff sums its shifts in δ space (the paper's rule, not Σ ΔWᵢ), SaRA gives P₀ + Σ wᵢ·ΔPᵢ on a
+  shared mask (needs the base), LoHa and LoKr fold a single file's weight into their first factor.
+  A single file with weight 1 is copied bit-exactly whatever the algorithm.
 - **diff** — dense ΔW = Σ wᵢ·ΔWᵢ (Δb likewise) in float64, rounded once: exact for every
   algorithm, including mixed ones (weight-dependent algorithms need the base).
 - **lora** — the same dense sum re-compressed by truncated SVD to a rank rule; the relative
@@ -20,13 +18,14 @@ Per module, three ways:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError, IncompatibleFileError, format_keys
+from ..modules.capabilities import NativeCombine, NonlinearMultiplier, NotNative
 from .adapters import AdapterFile, Hosts, build
 from .base import open_base
 from .progress import track
@@ -36,168 +35,38 @@ from .svd import RankRule, lowrank, relative_error
 MODES = ("auto", "native", "diff", "lora")
 
 
-class NotNative(Exception):
-    """A module that its algorithm's own space cannot hold exactly."""
-
-
 Part = tuple[float, AdapterFile]
-
-
-def _group(part: Part, name: str) -> dict[str, Tensor]:
-    return part[1].modules[name]
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).contiguous()
 
 
-# --------------------------------------------------------------------------- native combiners
-
-
-def _lora(name: str, parts: list[Part], hosts: Hosts, files: list[AdapterFile], dtype: torch.dtype) -> tuple[dict[str, Tensor], int]:
-    if any("dora_scale" in _group(p, name) for p in parts):
-        raise NotNative("DoRA is not linear in its factors")
-    mods = [build(f.algo(name), hosts.host(name, f, files), f.modules[name], name) for _, f in parts]
-    if len(parts) == 1:  # keep the rank and alpha: fold w into up
-        (w, f), mod = parts[0], mods[0]
-        out = dict(f.modules[name])
-        out["lora_up.weight"] = _cast(f.modules[name]["lora_up.weight"].double() * w, dtype)
-        return out, mod.rank
-    ups, downs, mids = [], [], []
-    tucker = all(m.lora_mid is not None for m in mods)
-    for (w, _), mod in zip(parts, mods):
-        up = mod.lora_up.weight.double() * (w * mod.scale)
-        down = mod.lora_down.weight.double()
-        if mod.lora_mid is not None and not tucker:  # fold the core: ΔW = up · (mid ×₂ down)
-            mid = mod.lora_mid.weight.double()
-            down = torch.einsum("ij...,jq->iq...", mid, down.reshape(down.shape[0], down.shape[1]))
-        ups.append(up)
-        downs.append(down)
-        mids.append(None if mod.lora_mid is None else mod.lora_mid.weight.double())
-    if len({tuple(d.shape[1:]) for d in downs}) != 1 or len({(u.shape[0], *u.shape[2:]) for u in ups}) != 1:
-        raise IncompatibleFileError(f"{name}: the files' factor shapes do not fit one layer", keys=[name])
-    rank = sum(d.shape[0] for d in downs)
-    out = {"lora_up.weight": _cast(torch.cat(ups, 1), dtype), "lora_down.weight": _cast(torch.cat(downs, 0), dtype),
-           "alpha": torch.tensor(float(rank), dtype=torch.float32)}
-    if tucker:
-        kernel = mids[0].shape[2:]
-        core = torch.zeros(rank, rank, *kernel, dtype=torch.float64)
-        at = 0
-        for mid in mids:
-            r = mid.shape[0]
-            core[at:at + r, at:at + r] = mid
-            at += r
-        out["lora_mid.weight"] = _cast(core, dtype)
-    return out, rank
-
-
-def _summed(keys: tuple[str, ...]) -> Callable[..., tuple[dict[str, Tensor], None]]:
-    """A combiner for algorithms linear in their tensors (`keys`; the first is required)."""
-
-    def combine(name: str, parts: list[Part], hosts: Hosts, files: list[AdapterFile], dtype: torch.dtype) -> tuple[dict[str, Tensor], None]:
-        out: dict[str, Tensor] = {}
-        first = _group(parts[0], name)
-        for key in keys:
-            present = [(w, _group((w, f), name)[key]) for w, f in parts if key in f.modules[name]]
-            if not present:
-                continue
-            shapes = {tuple(t.shape) for _, t in present}
-            if len(shapes) != 1:
-                raise IncompatibleFileError(f"{name}.{key}: shapes differ between files: {sorted(shapes)}", keys=[f"{name}.{key}"])
-            total = sum(w * t.double() for w, t in present)
-            out[key] = _cast(total, dtype)
-        for key, value in first.items():  # flags and the like, equal in every part
-            if key not in out:
-                out[key] = value
-        return out, None
-
-    return combine
-
-
-def _ia3(name: str, parts: list[Part], hosts: Hosts, files: list[AdapterFile], dtype: torch.dtype) -> tuple[dict[str, Tensor], None]:
-    sides = {int(_group(p, name)["on_input"].reshape(-1)[0]) for p in parts}
-    if len(sides) != 1:
-        raise NotNative("(IA)³ vectors on the input and on the output side do not add")
-    return _summed(("weight",))(name, parts, hosts, files, dtype)
-
-
-def _first_factor(key_options: tuple[str, ...]) -> Callable[..., tuple[dict[str, Tensor], int | None]]:
-    """One file only: w folded into the first factor (linear in it), everything else copied."""
-
-    def combine(name: str, parts: list[Part], hosts: Hosts, files: list[AdapterFile], dtype: torch.dtype) -> tuple[dict[str, Tensor], int | None]:
-        if len(parts) > 1:
-            raise NotNative("a sum of several is not one of the same form and rank")
-        (w, f), = parts
-        group = f.modules[name]
-        if "dora_scale" in group:
-            raise NotNative("DoRA is not linear in its factors")
-        key = next(k for k in key_options if k in group)
-        out = dict(group)
-        out[key] = _cast(group[key].double() * w, dtype)
-        return out, None
-
-    return combine
-
-
-def _svdiff(name: str, parts: list[Part], hosts: Hosts, files: list[AdapterFile], dtype: torch.dtype) -> tuple[dict[str, Tensor], None]:
-    """SVDiff combines in δ space: ReLU(σ + Σ wᵢ·δᵢ) (the paper's rule; the multiplier sits inside
-    the ReLU, so this is not Σ wᵢ·ΔWᵢ where σ + δ clips). All files must share the base."""
-    groups = [_group(p, name) for p in parts]
-    keys = {("gain_delta" if "gain_delta" in g else "delta") for g in groups}
-    if len(keys) != 1:
-        raise NotNative("spectral (delta) and direct norm (gain_delta) shifts do not add")
-    hashes = {int(g["base_hash"].reshape(-1)[0]) for g in groups if "base_hash" in g}
-    if len(hashes) > 1:
-        raise NotNative("the files were trained on different base weights (base_hash differs)")
-    return _summed((keys.pop(),))(name, parts, hosts, files, dtype)
-
-
-def _sara(name: str, parts: list[Part], hosts: Hosts, files: list[AdapterFile], dtype: torch.dtype) -> tuple[dict[str, Tensor], None]:
-    """SaRA: P₀ + Σ wᵢ·ΔPᵢ on the shared mask, ΔPᵢ = vᵢ − P₀ (float64, rounded once). Files of
-    different θ (nested masks) go dense instead."""
-    if not hosts.has_base(name):
-        raise NotNative("SaRA stores trained values, so combining needs the base weights (--base)")
-    groups = [_group(p, name) for p in parts]
-    host = hosts.host(name, parts[0][1], files)
-    out = dict(groups[0])
-    for values_key, index_key, base in (("sara_values", "sara_indices", host.weight), ("sara_b_values", "sara_b_indices", host.bias)):
-        present = [g for g in groups if values_key in g]
-        if not present:
-            continue
-        if len(present) != len(groups) or any(not torch.equal(g[index_key], groups[0][index_key]) for g in groups):
-            raise NotNative("the files select different entries (another θ)")
-        index = groups[0][index_key].long()
-        p0 = base.detach().reshape(-1)[index].double()
-        total = p0 + sum(w * (g[values_key].double() - p0) for (w, _), g in zip(parts, groups))
-        out[values_key] = total.to(groups[0][values_key].dtype)
-    return out, None
-
-
-NATIVE: dict[str, Callable[..., tuple[dict[str, Tensor], int | None]]] = {
-    "svdiff": _svdiff,
-    "sara": _sara,
-    "lora": _lora,
-    "full": _summed(("diff", "diff_b")),
-    "ia3": _ia3,
-    "loha": _first_factor(("hada_w1_a",)),
-    "lokr": _first_factor(("lokr_w1", "lokr_w1_a")),
-}
-
-
 def _native(name: str, parts: list[Part], hosts: Hosts, files: list[AdapterFile], dtype: torch.dtype) -> tuple[dict[str, Tensor], str, int | None]:
-    algos = {f.algo(name).algo for _, f in parts}
+    """The algorithm's own combination (`NativeCombine`), or `NotNative`. A single file with
+    weight 1 is copied bit-exactly whatever the algorithm."""
+    classes = {f.algo(name) for _, f in parts}
+    algos = {cls.algo for cls in classes}
     if len(algos) > 1:
         raise NotNative(f"mixed algorithms ({', '.join(sorted(algos))})")
     algo = algos.pop()
+    cls = next(iter(classes)) if len(classes) == 1 else None
+    owner = {id(f.modules[name]): f for _, f in parts}
+
+    def build_part(tensors: Mapping[str, Tensor]) -> Any:
+        return build(owner[id(tensors)].algo(name), hosts.host(name, owner[id(tensors)], files), tensors, name)
+
     if len(parts) == 1 and parts[0][0] == 1.0:
-        group = parts[0][1].modules[name]
-        rank = getattr(build(parts[0][1].algo(name), hosts.host(name, parts[0][1], files), group, name), "rank", None) \
-            if parts[0][1].weight_free(name) or hosts.has_base(name) else None
-        return dict(group), algo, rank
-    combiner = NATIVE.get(algo)
-    if combiner is None:
-        raise NotNative(f"{algo} has no native combination here")
-    out, rank = combiner(name, parts, hosts, files, dtype)
+        f = parts[0][1]
+        rank = getattr(build_part(f.modules[name]), "rank", None) if f.weight_free(name) or hosts.has_base(name) else None
+        return dict(f.modules[name]), algo, rank
+    if cls is None or not issubclass(cls, NativeCombine):
+        raise NotNative(f"{algo} has no native combination here" if cls is not None else "mixed variants")
+    base = hosts.host(name, parts[0][1], files) if hosts.has_base(name) else None
+    try:
+        out, rank = cls.combine_native([(w, f.modules[name]) for w, f in parts], build_part, base, dtype)
+    except IncompatibleFileError as exc:
+        raise IncompatibleFileError(f"{name}: {exc}", keys=[name]) from exc
     return out, algo, rank
 
 
@@ -206,23 +75,21 @@ def _native(name: str, parts: list[Part], hosts: Hosts, files: list[AdapterFile]
 
 def dense_delta(name: str, parts: list[Part], hosts: Hosts, files: list[AdapterFile]) -> tuple[Tensor, Tensor | None]:
     """Σ wᵢ·ΔWᵢ and Σ wᵢ·Δbᵢ in float64, each ΔW from the algorithm's own `delta_weight()` (or
-    `scaled_delta` where the multiplier is not a plain factor, e.g. SVDiff)."""
+    its `delta_at(w)` where the weight is not a plain factor: `NonlinearMultiplier`, SVDiff)."""
     weight: Tensor | None = None
     bias: Tensor | None = None
-    for w, f in parts:
-        module = build(f.algo(name), hosts.host(name, f, files), f.modules[name], name)
-        if module.linear_in_multiplier:
-            dw = module.delta_weight().double() * w
+    with torch.no_grad():
+        for w, f in parts:
+            module = build(f.algo(name), hosts.host(name, f, files), f.modules[name], name)
+            if isinstance(module, NonlinearMultiplier):
+                dw = module.delta_at(w).double()
+            else:
+                dw = module.delta_weight().double() * w
+            weight = dw if weight is None else weight + dw
             db = module.delta_bias()
-            db = None if db is None else db.double() * w
-        else:
-            m = torch.tensor(w, dtype=torch.float32)
-            dw = module.scaled_delta(m).double()
-            db = module.scaled_delta_bias(m)
-            db = None if db is None else db.double()
-        weight = dw if weight is None else weight + dw
-        if db is not None:
-            bias = db if bias is None else bias + db
+            if db is not None:
+                db = db.double() * w
+                bias = db if bias is None else bias + db
     assert weight is not None
     return weight, bias
 

@@ -3,14 +3,13 @@
 - kohya/LyCORIS ↔ PEFT (`formats.peft`): module paths resolved forward from a base model;
 - prefixes (`lycoris_` ↔ `lora_unet_` …): only the prefix part of each name changes;
 - SDXL diffusers ↔ SGM UNet names (`formats.sgm`), forward from the UNet's configuration;
-- svdiff-pytorch ↔ ours and SaRA official → ours, through `formats.svdiff_pytorch` /
-  `formats.sara_official` (they need the base model: SVDiff's SVD and SaRA's mask come from it);
+- svdiff-pytorch ↔ ours and SaRA official → ours, through `lycoris_like.interop` (they need the
+  base model: SVDiff's SVD and SaRA's mask come from it);
 - any algorithm → dense `diff` (`combine(to="diff")`).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -202,13 +201,6 @@ def to_diff(source: Any, *, base: Any = None, dtype: str | torch.dtype | None = 
     return combine([(source, 1.0)], to="diff", base=base, dtype=dtype)
 
 
-def _delegate(module: str, what: str):
-    try:
-        return importlib.import_module(f"..formats.{module}", __package__)
-    except ImportError as exc:
-        raise ConfigError(f"{what} needs lycoris_like.formats.{module}, which this installation lacks ({exc})") from exc
-
-
 def _network_result(network: Any, note: str) -> Result:
     tensors = network.file_state_dict()
     f = AdapterFile("network", tensors, {})
@@ -220,8 +212,9 @@ def _network_result(network: Any, note: str) -> Result:
 
 def from_svdiff_pytorch(path: str | os.PathLike, model: nn.Module, **options: Any) -> Result:
     """svdiff-pytorch's `spectral_shifts.safetensors` → our svdiff file (with base checksums)."""
-    module = _delegate("svdiff_pytorch", "svdiff-pytorch conversion")
-    network = module.load_svdiff_pytorch(model, path, **options)
+    from ..interop import load_svdiff_pytorch
+
+    network = load_svdiff_pytorch(model, path, **options)
     try:
         return _network_result(network, "from svdiff-pytorch")
     finally:
@@ -230,20 +223,21 @@ def from_svdiff_pytorch(path: str | os.PathLike, model: nn.Module, **options: An
 
 def to_svdiff_pytorch(source: Any, model: nn.Module, output: str | os.PathLike) -> Path:
     """Our svdiff file → svdiff-pytorch's `spectral_shifts.safetensors` (one model)."""
+    from ..interop import save_svdiff_pytorch
     from ..loading import load_network
 
-    module = _delegate("svdiff_pytorch", "svdiff-pytorch conversion")
     network = load_network(model, source)
     try:
-        return module.save_svdiff_pytorch(network, output)
+        return save_svdiff_pytorch(network, output)
     finally:
         network.remove()
 
 
 def from_sara_official(path: str | os.PathLike, model: nn.Module, *, threshold: float | None = None) -> Result:
     """SaRA's official `unet.pt` (read with weights_only=True) → our sara file."""
-    module = _delegate("sara_official", "SaRA official conversion")
-    network = module.load_official(model, path, threshold=threshold)
+    from ..interop import load_official
+
+    network = load_official(model, path, threshold=threshold)
     try:
         return _network_result(network, "from SaRA official")
     finally:

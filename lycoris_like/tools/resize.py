@@ -1,4 +1,5 @@
-"""resize: a LoRA/LoCon file → the same adapter at another rank, by SVD of each module's ΔW.
+"""resize: a file of factored adapters (LoRA/LoCon: `modules.capabilities.Factored`) → LoRA/LoCon
+at another rank, by SVD of each module's ΔW.
 
 The SVD comes from the factors alone (two QRs and an r×r SVD, float64), so it is exact and cheap.
 A module whose chosen rank is not below its current rank is copied bit-exactly. New factors keep
@@ -14,7 +15,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, IncompatibleFileError
-from ..modules.base import float32_exact
+from ..modules.capabilities import Factored
+from ..modules.files import float32_exact
 from .adapters import AdapterFile, build, file_weight_shape, stand_in
 from .combine import is_wide_conv
 from .progress import track
@@ -34,31 +36,27 @@ def resize(
     dtype: str | torch.dtype | None = None,
     progress: bool | None = None,
 ) -> Result:
-    """Change the rank of every module of a LoRA/LoCon file (or network) by the rank rule."""
+    """Change the rank of every module of a file (or network) of factored adapters by the rank rule."""
     if not isinstance(rule, RankRule):
         raise ConfigError("resize needs a RankRule (rank, energy or ratio)")
     f = AdapterFile.read(source)
     out_dtype = parse_dtype(dtype)
-    others = sorted({f.algo(n).algo for n in f.modules} - {"lora"})
+    others = sorted({f.algo(n).algo for n in f.modules if not issubclass(f.algo(n), Factored)})
     if others:
         raise IncompatibleFileError(
-            f"{f.label}: resize changes LoRA/LoCon ranks; this file holds {', '.join(others)} "
-            "(use combine --to lora to re-compress any algorithm)")
+            f"{f.label}: resize changes the rank of factored adapters (LoRA/LoCon); this file holds "
+            f"{', '.join(others)} (use combine --to lora to re-compress any algorithm)")
     tensors: dict[str, Tensor] = {}
     rows: list[Row] = []
     for name, group in track(list(f.modules.items()), desc="resize", enabled=progress):
-        shape, _ = file_weight_shape("lora", group)
+        shape, _ = file_weight_shape(f.algo(name), group)
         module = build(f.algo(name), stand_in(shape, name), group, name)
-        dtype_here = out_dtype or group["lora_up.weight"].dtype
-        up = module.lora_up.weight.double().reshape(shape[0], module.rank) * module.scale
-        down = module.lora_down.weight.double()
-        if module.lora_mid is not None:
-            down = torch.einsum("ij...,jq->iq...", module.lora_mid.weight.double(), down.reshape(module.rank, -1))
-        down = down.reshape(module.rank, -1)
+        dtype_here = out_dtype or next(t.dtype for k, t in group.items() if t.is_floating_point() and k != "alpha")
+        up, down = module.factors()
         u, s, vh = factored_svd(up, down)
         chosen = conv_rule if conv_rule is not None and is_wide_conv(shape) else rule
         rank = chosen.choose(s)
-        if rank >= module.rank and (out_dtype is None or out_dtype == group["lora_up.weight"].dtype):
+        if rank >= module.rank and (out_dtype is None or out_dtype == dtype_here):
             tensors.update({f"{name}.{k}": v for k, v in group.items()})
             rows.append(Row(name, "lora", module.rank, None, "kept"))
             continue
@@ -74,7 +72,7 @@ def resize(
         if "dora_scale" in group:
             out["dora_scale"] = group["dora_scale"]
             note += ", DoRA magnitude kept"
-        if module.lora_mid is not None:
+        if "lora_mid.weight" in group:
             note += ", Tucker core folded"
         tensors.update({f"{name}.{k}": v for k, v in out.items()})
         rows.append(Row(name, "lora", rank, error, note))
