@@ -319,6 +319,22 @@ def test_gen_img_apply_load_state_dict_and_pre_calculation(trained):
     assert all(torch.equal(bits(v), bits(weights_before[k])) for k, v in fresh.unet.state_dict().items())
 
 
+def test_accelerate_save_and_load_state_resume_the_training_state_exactly(trained, tmp_path):
+    """--save_state / --resume: accelerate saves `network.state_dict()` and loads it into the network
+    a new run builds with the same arguments."""
+    kohya = importlib.import_module("lycoris_like.kohya")
+    torch.save(trained.network.state_dict(), tmp_path / "state.pt")
+    fresh = trained.base.copy()
+    network = kohya.create_network(1.0, 4, 2.0, None, fresh.text_encoder, fresh.unet, **trained.kwargs)
+    network.apply_to(fresh.text_encoder, fresh.unet, True, True)
+    network.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    network.eval()
+    for (name, p), q in zip(network.named_parameters(), trained.network.parameters()):
+        assert torch.equal(bits(p), bits(q)), name
+    with torch.no_grad():
+        assert torch.equal(fresh(PROBE), trained.pipe(PROBE))
+
+
 def test_unet_only_training_writes_no_text_encoder_keys(tmp_path):
     """--network_train_unet_only: apply_to(…, apply_text_encoder=False, apply_unet=True)."""
     kohya = importlib.import_module("lycoris_like.kohya")
