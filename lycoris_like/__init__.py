@@ -20,6 +20,7 @@ from .loading import LoadReport, load_network, network_from_tensors
 from .modules import AdapterModule, algorithm_names, get_algorithm, register_algorithm
 from .network import AdapterNetwork, create_network
 from .presets import BUILTIN_PRESETS
+from .registration import register, unregister
 
 __all__ = [
     "AdapterError",
@@ -41,5 +42,7 @@ __all__ = [
     "get_algorithm",
     "load_network",
     "network_from_tensors",
+    "register",
     "register_algorithm",
+    "unregister",
 ]
