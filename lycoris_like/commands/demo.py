@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "train, save, reload and merge an adapter on a small UNet (no downloads)"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..demo import BATCH, DEFAULT_ALGO, DEFAULT_STEPS
 
     demo = subparsers.add_parser(
         "demo",
-        help="train, save, reload and merge an adapter on a small UNet (no downloads)",
+        help=HELP,
         description=(
             "Fine-tune a small diffusers UNet (built from a config) on images generated in code, for "
             "noise prediction; save the adapter, reload it into a fresh UNet, merge and unmerge it, and "
@@ -42,12 +44,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import demo
-    from ..plot import plot_losses
     from ..errors import ConfigError
+    from ..plot import INSTALL, available, plot_losses
 
     algos = demo.parse_algos(args.algo)  # unknown names fail here, before any work
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    if not available():
+        raise ConfigError(f"the demo draws its loss curves with matplotlib, which is not installed: {INSTALL}")
     torch.set_num_threads(args.threads)
     results = demo.run_many(algos, args.steps, args.out, dim=args.dim, alpha=args.alpha, seed=args.seed,
                             lr=args.lr, batch=args.batch, progress=args.progress)
