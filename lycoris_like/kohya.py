@@ -115,16 +115,18 @@ def option_types(algo: str) -> dict[str, type]:
     return types
 
 
-def _unknown(name: str, algo: str, accepted: Iterable[str]) -> ConfigError:
+def _unknown(spelled: str, algo: str, accepted: Iterable[str]) -> ConfigError:
+    """The error for an argument `algo` does not take, as the user spelled it."""
+    name = _ALIASES.get(spelled, spelled)
     if name in _UNSUPPORTED:
-        return ConfigError(f"network_args {name}: {_UNSUPPORTED[name]}")
+        return ConfigError(f"network_args {spelled}: {_UNSUPPORTED[name]}")
     owners = [a for a in algorithm_names() if name in get_algorithm(a).option_names() and get_algorithm(a).algo == a]
     if owners:
-        return ConfigError(f"network_args {name}: an option of {', '.join(owners)}, not of algo={algo}")
+        return ConfigError(f"network_args {spelled}: an option of {', '.join(owners)}, not of algo={algo}")
     accepted = sorted(accepted)
-    close = difflib.get_close_matches(name, accepted, 1)
+    close = difflib.get_close_matches(spelled, accepted, 1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"network_args {name}: unknown argument{hint}; accepted for algo={algo}: {', '.join(accepted)}")
+    return ConfigError(f"network_args {spelled}: unknown argument{hint}; accepted for algo={algo}: {', '.join(accepted)}")
 
 
 def parse_network_args(kwargs: Mapping[str, Any], neuron_dropout: float | None = None) -> KohyaArgs:
@@ -133,31 +135,32 @@ def parse_network_args(kwargs: Mapping[str, Any], neuron_dropout: float | None =
     `neuron_dropout` is sd-scripts' `--network_dropout`; it must agree with a `dropout` argument.
     Every unknown or malformed argument raises `ConfigError` naming it and what is accepted.
     """
-    given = {_ALIASES.get(k, k): v for k, v in kwargs.items() if v is not None}
+    given = {k: v for k, v in kwargs.items() if v is not None}
     algo = str(given.pop("algo", "lora")).strip().lower()
     if algo not in algorithm_names():
         raise ConfigError(f"network_args algo={algo!r}: unknown algorithm; accepted: {', '.join(algorithm_names())}")
     types = option_types(algo)
     options: dict[str, Any] = {}
     network: dict[str, Any] = {}
-    for name, value in given.items():
+    for spelled, value in given.items():
+        name = _ALIASES.get(spelled, spelled)
         if name in types:
-            options[name] = _PARSERS[types[name]](name, value)
+            options[name] = _PARSERS[types[name]](spelled, value)
         elif name in _NETWORK_ARGS:
             network[name] = value
         else:
-            raise _unknown(name, algo, set(types) | _NETWORK_ARGS | set(_ALIASES))
+            raise _unknown(spelled, algo, set(types) | _NETWORK_ARGS | {k for k, v in _ALIASES.items() if v in types})
     if neuron_dropout is not None:
         dropout = _float("network_dropout", neuron_dropout)
         if options.setdefault("dropout", dropout) != dropout:
             raise ConfigError(f"network_args dropout={options['dropout']} disagrees with --network_dropout {dropout}; give one")
-    preset = str(network.get("preset", "kohya"))
+    preset = str(network.get("preset", "kohya")).strip()
     if preset != "kohya" and preset not in BUILTIN_PRESETS and not preset.endswith(".toml"):
         raise ConfigError(f"network_args preset={preset!r}: accepted: kohya (default), {', '.join(BUILTIN_PRESETS)}, or a .toml file")
     conv_dim = _int("conv_dim", network["conv_dim"]) if "conv_dim" in network else None
     if conv_dim is not None and conv_dim <= 0:
         raise ConfigError(f"network_args conv_dim={conv_dim}: expected a positive integer (leave it out for no convolutions)")
-    forward_mode = str(network.get("forward_mode", "auto"))
+    forward_mode = str(network.get("forward_mode", "auto")).strip()
     if _bool("bypass_mode", network.get("bypass_mode", False)):
         forward_mode = "bypass"
     ratios = tuple(_float(k, network[k]) if k in network else None

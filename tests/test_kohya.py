@@ -407,6 +407,8 @@ def test_optimizer_groups_follow_sd_scripts_learning_rates_and_loraplus():
     (["dropout=lots"], ["dropout='lots'", "number"]),
     (["algo=lora", "factor=8"], ["factor", "lokr", "algo=lora"]),
     (["algo=loha", "train_norm=True"], ["train_norm", "sara"]),
+    (["algo=ia3", "dora_wd=true"], ["dora_wd", "lora", "algo=ia3"]),  # a LyCORIS spelling, named as typed
+    (["algo=ia3", "convdim=4"], ["conv_dim", "train_on_input"]),  # the accepted list is ia3's
     (["block_dims=2,2,2"], ["block_dims", "overrides"]),
     (["preset=full-lin"], ["preset='full-lin'", "kohya", "attn-mlp"]),
     (["loraplus_lr_ratio=x"], ["loraplus_lr_ratio='x'", "number"]),
