@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -215,6 +215,22 @@ def _of(tensors: Mapping[str, Tensor], prefixes: Iterable[str]) -> dict[str, Ten
     return {k: v for k, v in tensors.items() if k.startswith(starts)}
 
 
+def _with_tensors(models: Mapping[str, nn.Module], tensors: Mapping[str, Tensor], source: str) -> dict[str, nn.Module]:
+    """The models that `tensors` holds adapters for; `IncompatibleFileError` when there are none."""
+    chosen = {k: m for k, m in models.items() if _of(tensors, [k])}
+    if not chosen:
+        raise IncompatibleFileError(f"{source} holds no {', '.join(f'{k}_*' for k in models)} tensors")
+    return chosen
+
+
+class Weights(NamedTuple):
+    """The tensors a network from `create_network_from_weights` is built from, and where they came from."""
+
+    tensors: dict[str, Tensor]
+    metadata: dict[str, str]
+    source: str
+
+
 # ----------------------------------------------------------------------------- the network
 
 
@@ -223,7 +239,7 @@ class KohyaNetwork(nn.Module):
     calls `train_network.py`, `sdxl_train_network.py` and `gen_img*.py` make."""
 
     def __init__(self, args: KohyaArgs, multiplier: float = 1.0, dim: int = 4, alpha: float = 1.0,
-                 weights: tuple[dict[str, Tensor], dict[str, str]] | None = None) -> None:
+                 weights: Weights | None = None) -> None:
         super().__init__()
         self.args = args
         self.dim = dim
@@ -237,10 +253,10 @@ class KohyaNetwork(nn.Module):
 
     def _build(self, models: dict[str, nn.Module]) -> AdapterNetwork:
         if self._weights is not None:
-            tensors, metadata = self._weights
+            tensors, metadata, source = self._weights
             options = {k: v for k, v in self.args.options.items() if k in LOADABLE_OPTIONS}
             net = network_from_tensors(models, _of(tensors, models), metadata, multiplier=self.multiplier,
-                                       source="the weights", **options)
+                                       source=source, **options)
             net.set_forward_mode(self.args.forward_mode)
             return net
         a = self.args
@@ -256,7 +272,7 @@ class KohyaNetwork(nn.Module):
             raise ConfigError("apply_to() was already called on this network")
         models = pipeline(text_encoder, unet, apply_text_encoder, apply_unet)
         if self._weights is not None:
-            models = {k: m for k, m in models.items() if _of(self._weights[0], [k])}
+            models = _with_tensors(models, self._weights.tensors, self._weights.source)
         self.network = self._build(models)
 
     def _require(self, what: str) -> AdapterNetwork:
@@ -414,10 +430,13 @@ class KohyaNetwork(nn.Module):
                  dtype: torch.dtype | None = None, device: Any = None) -> None:
         """Merge a file into the models for good (sd-scripts' `--base_weights`, gen_img's merge).
         The weights keep their dtype and device; `dtype` and `device` are accepted and unused."""
-        tensors, metadata = (dict(weights_sd), {}) if weights_sd is not None else (self._weights or ({}, {}))
-        models = {k: m for k, m in pipeline(text_encoder, unet).items() if _of(tensors, [k])}
-        if not models:
-            raise IncompatibleFileError("the weights hold no lora_te*/lora_unet tensors for these models")
+        if weights_sd is not None:
+            tensors, metadata = dict(weights_sd), {}
+        elif self._weights is not None:
+            tensors, metadata = self._weights.tensors, self._weights.metadata
+        else:
+            raise ConfigError("merge_to() needs weights_sd, or a network from create_network_from_weights")
+        models = _with_tensors(pipeline(text_encoder, unet), tensors, "weights_sd")
         network_from_tensors(models, _of(tensors, models), metadata, multiplier=self.multiplier).fold()
 
     def backup_weights(self) -> None:
@@ -462,6 +481,6 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
         tensors, metadata = _read(file)
     else:
         tensors, metadata = dict(weights_sd), {}
-    if not _of(tensors, pipeline(text_encoder, unet)):
-        raise IncompatibleFileError(f"{file or 'weights_sd'} holds no lora_te*/lora_unet tensors for these models")
-    return KohyaNetwork(args, multiplier, weights=(tensors, metadata)), tensors
+    source = "weights_sd" if weights_sd is not None else str(file)
+    _with_tensors(pipeline(text_encoder, unet), tensors, source)
+    return KohyaNetwork(args, multiplier, weights=Weights(tensors, metadata, source)), tensors

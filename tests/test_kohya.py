@@ -432,6 +432,17 @@ def test_network_dropout_and_a_disagreeing_dropout_arg_are_refused():
     assert {a.dropout for a in network.network} == {0.1}
 
 
+def test_create_network_from_weights_refuses_a_file_without_kohya_names(tmp_path):
+    from lycoris_like import create_network as lycoris_like_network
+
+    kohya = importlib.import_module("lycoris_like.kohya")
+    plain = lycoris_like_network(nn.Sequential(nn.Linear(4, 4)), dim=2)  # names lycoris_0…
+    plain.save(tmp_path / "plain.safetensors")
+    pipe = make_pipe(sdxl=False)
+    with pytest.raises(IncompatibleFileError, match="lora_te_.*lora_unet_"):
+        kohya.create_network_from_weights(1.0, str(tmp_path / "plain.safetensors"), None, pipe.text_encoder, pipe.unet)
+
+
 def test_load_weights_refuses_a_file_of_another_algorithm_without_changing_anything(tmp_path):
     kohya = importlib.import_module("lycoris_like.kohya")
     pipe = make_pipe(sdxl=False)
