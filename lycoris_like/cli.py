@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .errors import AdapterError, ConfigError
 
 COMMANDS = ("inspect", "combine", "bake", "extract", "resize", "convert", "demo")
@@ -20,16 +21,25 @@ BAD_INPUT = (AdapterError, FileNotFoundError, FileExistsError, NotADirectoryErro
 """Errors that mean the input was wrong: a message and exit code 2, no traceback."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser. With `command`, only that subcommand's options are built and the others get
+    their one-line help, so `--help` and the light commands never import what heavy ones need."""
     parser = argparse.ArgumentParser(prog="lycoris-like", description="Adapters for diffusion models: train, inspect, combine, convert.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f".commands.{name}", __package__).register(sub)
+        module = importlib.import_module(f".commands.{name}", __package__)
+        if command is None or name == command:
+            module.register(sub)
+        else:
+            sub.add_parser(name, help=module.HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")  # top-level options take no values
+    args = build_parser(command).parse_args(argv)
     try:
         return args.func(args)
     except BAD_INPUT as exc:
@@ -49,17 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def weighted(text: str) -> tuple[str, float]:
-    """`FILE` or `FILE:WEIGHT` (the weight is whatever follows the last colon, if it is a number)."""
+    """`FILE` or `FILE:WEIGHT`: what follows the last colon is the weight, unless the whole text
+    names an existing file or that part is a path (`C:\\x`, `dir:x/y`)."""
     path, sep, tail = text.rpartition(":")
-    if sep and path:
-        try:
-            value = float(tail)
-        except ValueError:
-            return text, 1.0
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"weight must be finite in {text!r}")
-        return path, value
-    return text, 1.0
+    if not sep or not path or Path(text).exists() or "/" in tail or "\\" in tail:
+        return text, 1.0
+    try:
+        value = float(tail)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"malformed multiplier {tail!r} in {text!r}: expected FILE or FILE:NUMBER, e.g. {path}:0.8") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"multiplier must be finite in {text!r}")
+    return path, value
 
 
 def add_output(parser: argparse.ArgumentParser, what: str = "file") -> None:

@@ -3,11 +3,14 @@ at a time), with a bad-input case each: exit code 2, a clear message, and no out
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
 import subprocess
 import sys
+import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -70,6 +73,7 @@ def cases(f: dict[str, Path]) -> dict[str, list[str]]:
         "inspect-bad": ["inspect", str(f["junk"])],
         "combine": ["combine", f"{f['a']}:0.7", f"{f['b']}:-0.3", "-o", str(d / "ab.safetensors")],
         "combine-bad": ["combine", str(f["a"]), str(f["other"]), "-o", str(d / "bad-combine.safetensors")],
+        "combine-malformed": ["combine", f"{f['a']}:abc", "-o", str(d / "malformed.safetensors")],
         "bake": ["bake", str(f["base"]), f"{f['a']}:0.5", "-o", str(d / "baked.safetensors")],
         "bake-bad": ["bake", str(f["base"]), str(f["other"]), "-o", str(d / "bad-baked.safetensors")],
         "extract": ["extract", str(f["base"]), str(f["tuned"]), "--rank", "2", "-o", str(d / "extracted.safetensors")],
@@ -81,10 +85,13 @@ def cases(f: dict[str, Path]) -> dict[str, list[str]]:
     }
 
 
-def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "lycoris_like", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env=env)
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def run_cli(args: list[str], *python_options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *python_options, "-m", "lycoris_like", *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=cli_env())
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +125,15 @@ def test_inspect(runs, files):
     assert "3 modules (3×lora)" in out and "ss_network_module: lycoris.kohya" in out
     assert "lycoris_1  lora  10×6×3×3" in out
     refused(runs, "inspect-bad", files, "none", "not a readable safetensors file")
+
+
+def test_combine_with_a_malformed_multiplier_says_so(runs, files):
+    refused(runs, "combine-malformed", files, "malformed.safetensors", "malformed multiplier 'abc'", "FILE:NUMBER")
+    with_colon = files["dir"] / "style:v2.safetensors"  # an existing file whose name has a colon is a file
+    with_colon.write_bytes(b"")
+    assert weighted(str(with_colon)) == (str(with_colon), 1.0)
+    with pytest.raises(argparse.ArgumentTypeError, match="malformed multiplier '0.5x'"):
+        weighted("style.safetensors:0.5x")
 
 
 def test_combine(runs, files):
@@ -185,3 +201,46 @@ def test_existing_outputs_and_weights(files, capsys):
     assert weighted("C:/x/a.safetensors:0.5") == ("C:/x/a.safetensors", 0.5)
     assert weighted("a.safetensors") == ("a.safetensors", 1.0)
     assert weighted("dir:name/a.safetensors") == ("dir:name/a.safetensors", 1.0)
+
+
+# ----------------------------------------------------------------------------- start-up and manners
+
+
+def imported(args: list[str]) -> set[str]:
+    """The modules a run of `lycoris-like ARGS` imports (python -X importtime)."""
+    result = run_cli(args, "-X", "importtime")
+    return {line.rpartition("|")[2].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_version_is_the_package_version():
+    result = run_cli(["--version"])
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert result.returncode == 0 and result.stdout.strip() == f"lycoris-like {version}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["inspect", "--help"], ["combine", "--help"], ["--version"]])
+def test_help_imports_neither_torch_nor_diffusers(args):
+    modules = imported(args)
+    assert "lycoris_like.cli" in modules  # the measurement works
+    assert not {"torch", "diffusers", "transformers"} & modules
+
+
+def test_inspect_imports_no_diffusers_or_transformers(files):
+    modules = imported(["inspect", str(files["a"])])
+    assert "torch" in modules and not {"diffusers", "transformers"} & modules
+
+
+def test_a_piped_multi_algorithm_demo_prints_each_stage_as_it_ends(tmp_path):
+    env = cli_env()
+    env.pop("PYTHONUNBUFFERED", None)  # stdout into a pipe, block-buffered as in CI logs
+    process = subprocess.Popen([sys.executable, "-m", "lycoris_like", "demo", "--algo", "lora,loha", "--steps", "2",
+                                "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    arrivals = [(time.monotonic(), line) for line in process.stdout]
+    process.wait(timeout=300)
+    end = time.monotonic()
+    assert process.returncode == 0, process.stderr.read()
+    stages = [(at, line) for at, line in arrivals if line.startswith("[")]
+    assert [line[:5] for _, line in stages] == ["[1/2]", "[1/2]", "[2/2]", "[2/2]"]
+    assert stages[0][1].startswith("[1/2] lora:") and stages[2][1].startswith("[2/2] loha:")
+    assert stages[2][0] - stages[0][0] > 0.3  # lora's lines came while loha had yet to train
+    assert end - stages[0][0] > 0.5

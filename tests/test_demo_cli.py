@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import io
-import struct
+import re
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from safetensors import safe_open
 
 from lycoris_like import UnknownAlgorithmError, algorithm_names, get_algorithm
 from lycoris_like import demo, plot
+from lycoris_like.cli import main
 
 TABLE_HEADER = "| algorithm | layers | trainable |"
 
@@ -22,39 +22,15 @@ def lycoris_like(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lycoris_like", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def read_png(path: Path) -> tuple[int, int, bytes]:
-    """Check a PNG completely (signature, chunk CRCs, header, pixel data size); return
-    (width, height, raw scanlines)."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert zlib.crc32(tag + body) & 0xFFFFFFFF == crc, tag
-        chunks.append((tag, body))
-        pos += 12 + length
-    assert pos == len(data)
-    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
-    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, colour, compression, filtering, interlace) == (8, 2, 0, 0, 0)  # 8-bit RGB
-    raw = zlib.decompress(b"".join(body for tag, body in chunks if tag == b"IDAT"))
-    assert len(raw) == height * (1 + 3 * width)
-    try:  # an independent decoder, when one is installed (Pillow comes with diffusers)
-        from PIL import Image
-    except ImportError:
-        pass
-    else:
-        with Image.open(path) as image:
-            assert image.size == (width, height) and image.mode == "RGB"
-            image.load()
-    return width, height, raw
+def read_png(path: Path) -> tuple[tuple[int, int], set[tuple[int, int, int]]]:
+    """(width, height) and the set of RGB colours of a PNG, decoded by Pillow (matplotlib's own
+    dependency, a decoder independent of the code that drew it)."""
+    from PIL import Image
 
-
-def colours(raw: bytes, width: int) -> set[tuple[int, int, int]]:
-    stride = 1 + 3 * width
-    return {tuple(raw[i:i + 3]) for row in range(len(raw) // stride) for i in range(row * stride + 1, (row + 1) * stride, 3)}
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        rgb = image.convert("RGB")
+        return rgb.size, set(rgb.getdata())
 
 
 def test_demo_trains_saves_reloads_and_merges(tmp_path):
@@ -69,9 +45,9 @@ def test_demo_trains_saves_reloads_and_merges(tmp_path):
     with safe_open(str(tmp_path / "demo_loha.safetensors"), "pt") as f:  # LoHa is the default
         assert f.metadata()["ss_network_module"] == "lycoris.kohya"
         assert any(k.startswith("lora_unet_") and k.endswith(".hada_w1_a") for k in f.keys())
-    width, height, raw = read_png(tmp_path / "loss_loha.png")
-    assert (width, height) == (800, 450)
-    assert plot.PALETTE[0] in colours(raw, width)  # the curve is drawn
+    size, drawn = read_png(tmp_path / "loss_loha.png")
+    assert size == (800, 450)
+    assert plot.PALETTE[0] in drawn  # the curve is drawn
     assert f"loss curve: {tmp_path / 'loss_loha.png'}" in out
     assert result.stderr == ""  # no progress bar when stderr is not a terminal
 
@@ -89,8 +65,7 @@ def test_demo_all_runs_every_registered_algorithm_once(tmp_path):
     assert all(line.rstrip().endswith("| OK     |") for line in table)
     for algo in expected:
         assert (tmp_path / f"demo_{algo}.safetensors").is_file()
-    width, _, raw = read_png(tmp_path / "loss_all.png")
-    drawn = colours(raw, width)
+    _, drawn = read_png(tmp_path / "loss_all.png")
     assert all(plot.PALETTE[i] in drawn for i in range(len(expected)))  # one curve per algorithm
 
 
@@ -118,12 +93,31 @@ def test_parse_algos():
 def test_plot_losses_writes_a_valid_png(tmp_path):
     curves = {"lora": [(0, 1.2), (50, 0.4), (100, 0.2)], "loha": [(0, 1.2), (50, 0.3), (100, float("nan"))]}
     path = plot.plot_losses(curves, tmp_path / "sub" / "curve.png", size=(320, 200))
-    width, height, raw = read_png(path)
-    assert (width, height) == (320, 200)
-    assert {plot.PALETTE[0], plot.PALETTE[1], (255, 255, 255)} <= colours(raw, width)
-    assert plot._labels(plot._ticks(0.0, 1.2)) == ["0.0", "0.5", "1.0", "1.5"]
+    size, drawn = read_png(path)
+    assert size == (320, 200)
+    assert {plot.PALETTE[0], plot.PALETTE[1], (255, 255, 255)} <= drawn
+    assert plot.PALETTE[2] not in drawn  # two curves, two colours
     with pytest.raises(ValueError):
         plot.plot_losses({"x": [(0, float("nan"))]}, tmp_path / "empty.png")
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib as if it were not installed (an import of any of its modules fails)."""
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_without_matplotlib_plotting_names_the_extra_to_install(tmp_path, no_matplotlib):
+    with pytest.raises(ImportError, match=re.escape("pip install lycoris_like[plot]")):
+        plot.plot_losses({"x": [(0, 1.0)]}, tmp_path / "curve.png")
+    assert not plot.available() and not (tmp_path / "curve.png").exists()
+
+
+def test_without_matplotlib_the_demo_refuses_before_training(tmp_path, no_matplotlib, capsys):
+    assert main(["demo", "--steps", "2", "--out", str(tmp_path)]) == 2
+    assert "pip install lycoris_like[plot]" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
 
 
 def test_progress_bar_draws_only_when_asked():

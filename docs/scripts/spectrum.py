@@ -10,9 +10,8 @@ small UNet, the generated shapes, noise prediction, the per-algorithm learning r
 
 Variants: every registered algorithm (aliases left out) plus DoRA on LoRA.
 
-Run:  pip install matplotlib && python docs/scripts/spectrum.py
+Run:  pip install -e ".[plot]" && python docs/scripts/spectrum.py
       (about 1 minute per variant on 2 CPU cores; downloads nothing; --steps, --out, --only)
-matplotlib is needed by this script only; the library and the demo do not use it.
 """
 
 from __future__ import annotations
@@ -68,9 +67,11 @@ def numerical_rank(sigma: torch.Tensor, shape: tuple[int, int]) -> int:
     return int((sigma > sigma[0] * max(shape) * torch.finfo(torch.float32).eps).sum())
 
 
-def plot(results: dict[str, dict[str, torch.Tensor]], highlight: str | None, path: Path, plt) -> None:
-    fig, axes = plt.subplots(1, len(LAYERS), figsize=(10, 3.6), dpi=100, sharey=True)
-    colours = plt.get_cmap("tab10")
+def plot(results: dict[str, dict[str, torch.Tensor]], highlight: str | None, path: Path) -> None:
+    from lycoris_like.plot import figure
+
+    fig = figure((1000, 360), layout=None)
+    axes = fig.subplots(1, len(LAYERS), sharey=True)
     for ax, label in zip(axes, LAYERS):
         for i, (name, sig) in enumerate(results.items()):
             values = (sig[label] / sig[label][0]).clamp_min(FLOOR).numpy() if sig[label][0] > 0 else None
@@ -78,7 +79,7 @@ def plot(results: dict[str, dict[str, torch.Tensor]], highlight: str | None, pat
                 continue
             index = range(1, len(values) + 1)
             if highlight is None:
-                ax.plot(index, values, color=colours(i % 10), lw=1.6, label=name)
+                ax.plot(index, values, color=f"C{i % 10}", lw=1.6, label=name)
             elif name != highlight:
                 ax.plot(index, values, color="0.8", lw=1.0, label="other algorithms" if ax is axes[0] and i == 0 else None)
         if highlight is not None:
@@ -101,7 +102,6 @@ def plot(results: dict[str, dict[str, torch.Tensor]], highlight: str | None, pat
     fig.tight_layout(rect=(0, 0, 0.84 if highlight is None else 0.82, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,14 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated variants (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    try:
-        import matplotlib
+    from lycoris_like.plot import INSTALL, available
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("docs/scripts/spectrum.py needs matplotlib (only this script does): pip install matplotlib",
-              file=sys.stderr)
+    if not available():
+        print(f"docs/scripts/spectrum.py draws with matplotlib: {INSTALL}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     chosen = variants()
@@ -139,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     for name in results:
-        plot(results, name, out / f"spectrum_{name}.png", plt)
+        plot(results, name, out / f"spectrum_{name}.png")
     if args.only is None:
-        plot(results, None, out / "spectrum_all.png", plt)
+        plot(results, None, out / "spectrum_all.png")
 
     print()
     print("| variant | " + " | ".join(f"{label}: rank, top-4 energy, ‖ΔW‖/‖W‖" for label in LAYERS) + " | final loss |")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "merge adapter files into a base checkpoint (file, shards or diffusers folder)"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..cli import add_output, add_progress, weighted
 
     p = subparsers.add_parser(
-        "bake", help="merge adapter files into a base checkpoint (file, shards or diffusers folder)",
+        "bake", help=HELP,
         description="Merge adapters into a copy of the base: W + Σ m·ΔW computed in fp32, saved in the base's dtype, "
                     "one layer at a time; the same bits as AdapterNetwork.merge().")
     p.add_argument("base", help="base checkpoint: a .safetensors state dict (UNet, text encoder, or an SD/SDXL single file), a folder of shards, or a diffusers pipeline folder")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "combine adapter files with weights into one (exact, dense diff, or SVD LoRA)"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..cli import add_output, add_progress, add_rank_rule, weighted
 
     p = subparsers.add_parser(
-        "combine", help="combine adapter files with weights into one (exact, dense diff, or SVD LoRA)",
+        "combine", help=HELP,
         description="Combine adapter files. --to auto: each algorithm's own space where exact (LoRA concatenates "
                     "ranks, full/(IA)³/SVDiff add, SaRA adds ΔP), else a dense diff; --to diff: dense ΔW, exact; "
                     "--to lora: truncated SVD with the error reported per module.")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+HELP = "convert between kohya/LyCORIS, PEFT, SGM/diffusers names, prefixes, dense diff, svdiff-pytorch, SaRA"
+
 TARGETS = ("kohya", "peft", "diff", "sgm", "diffusers", "svdiff-pytorch")
 SOURCES = ("auto", "kohya", "peft", "svdiff-pytorch", "sara-official")
 
@@ -14,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from ..cli import add_output
 
     p = subparsers.add_parser(
-        "convert", help="convert between kohya/LyCORIS, PEFT, SGM/diffusers names, prefixes, dense diff, svdiff-pytorch, SaRA",
+        "convert", help=HELP,
         description="--to peft: a PEFT adapter folder (needs --base for module paths). --to kohya: from a PEFT "
                     "folder, svdiff-pytorch or SaRA official (those two need --base, a model folder with config.json), "
                     "or just --rename-prefix. --to diff: dense ΔW. --to sgm / --to diffusers: SDXL UNet names.")

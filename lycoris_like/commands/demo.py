@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
+
+HELP = "train, save, reload and merge an adapter on a small UNet (no downloads)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -10,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="train, save, reload and merge an adapter on a small UNet (no downloads)",
+        help=HELP,
         description=(
             "Fine-tune a small diffusers UNet (built from a config) on images generated in code, for "
             "noise prediction; save the adapter, reload it into a fresh UNet, merge and unmerge it, and "
@@ -42,20 +45,27 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import demo
-    from ..plot import plot_losses
     from ..errors import ConfigError
+    from ..plot import INSTALL, available, plot_losses
 
     algos = demo.parse_algos(args.algo)  # unknown names fail here, before any work
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    if not available():
+        raise ConfigError(f"the demo draws its loss curves with matplotlib, which is not installed: {INSTALL}")
     torch.set_num_threads(args.threads)
-    results = demo.run_many(algos, args.steps, args.out, dim=args.dim, alpha=args.alpha, seed=args.seed,
-                            lr=args.lr, batch=args.batch, progress=args.progress)
-    print()
-    print(demo.summary_table(results))
+    say = functools.partial(print, flush=True)  # each line at once: a piped run shows every stage as it ends
+    results = []
+    for i, algo in enumerate(algos, 1):
+        stage = f"[{i}/{len(algos)}] " if len(algos) > 1 else ""
+        results.append(demo.run(algo, args.steps, args.out, dim=args.dim, alpha=args.alpha, seed=args.seed,
+                                log=lambda line, stage=stage: say(stage + line), lr=args.lr, batch=args.batch,
+                                progress=args.progress, verbose=len(algos) == 1))
+    say()
+    say(demo.summary_table(results))
     name = algos[0] if len(algos) == 1 else "all"
     png = plot_losses({r.algo: r.losses for r in results}, Path(args.out) / f"loss_{name}.png")
-    print(f"loss curve: {png}")
+    say(f"loss curve: {png}")
     ok = all(r.ok for r in results)
-    print("demo check:", "OK" if ok else "FAILED")
+    say("demo check:", "OK" if ok else "FAILED")
     return 0 if ok else 1

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "extract a LoRA/LoCon from a fine-tuned checkpoint and its base (truncated SVD)"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..cli import add_output, add_progress, add_rank_rule
 
     p = subparsers.add_parser(
-        "extract", help="extract a LoRA/LoCon from a fine-tuned checkpoint and its base (truncated SVD)",
+        "extract", help=HELP,
         description="ΔW = tuned − base per layer, truncated SVD in float64; unchanged layers are skipped and the "
                     "relative error of each extracted layer is reported.")
     p.add_argument("base", help="base checkpoint (.safetensors, folder of shards or diffusers folder)")

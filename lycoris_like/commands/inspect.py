@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+HELP = "show an adapter file's modules (algorithm, rank, alpha, scale, ‖ΔW‖, dtype) and metadata"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("inspect", help="show an adapter file's modules (algorithm, rank, alpha, scale, ‖ΔW‖, dtype) and metadata",
+    p = subparsers.add_parser("inspect", help=HELP,
                               description="Show what an adapter file holds. ‖ΔW‖ of (IA)³, DoRA, SVDiff and SaRA needs --base.")
     p.add_argument("file", help="adapter .safetensors file")
     p.add_argument("--base", help="base model (safetensors file or diffusers folder) for weight-dependent ΔW and exact layer shapes")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "change the rank of a LoRA/LoCon file (SVD; same rank rules as extract)"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..cli import add_output, add_progress, add_rank_rule
 
     p = subparsers.add_parser(
-        "resize", help="change the rank of a LoRA/LoCon file (SVD; same rank rules as extract)",
+        "resize", help=HELP,
         description="SVD of each module's ΔW from its factors; modules already at or below the chosen rank are "
                     "copied bit-exactly; the scale alpha/rank of each module is kept.")
     p.add_argument("file", help="LoRA/LoCon .safetensors file")
