@@ -9,7 +9,6 @@ the file names are the ones kohya, ComfyUI and AUTOMATIC1111 read. See docs/kohy
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -103,16 +102,8 @@ _PARSERS = {bool: _bool, int: _int, float: _float, str: lambda name, value: str(
 
 def option_types(algo: str) -> dict[str, type]:
     """The type of each option of `algo`, read from the defaults of its keyword-only arguments."""
-    cls = get_algorithm(algo)
-    allowed = cls.option_names()
-    types: dict[str, type] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" not in vars(klass) or not issubclass(klass, AdapterModule):
-            continue
-        for param in inspect.signature(klass.__init__).parameters.values():
-            if param.kind is inspect.Parameter.KEYWORD_ONLY and param.name in allowed:
-                types[param.name] = type(param.default) if type(param.default) in _PARSERS else str
-    return types
+    defaults = get_algorithm(algo).option_defaults()
+    return {name: type(default) if type(default) in _PARSERS else str for name, default in defaults.items()}
 
 
 def _unknown(spelled: str, algo: str, accepted: Iterable[str]) -> ConfigError:

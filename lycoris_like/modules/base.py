@@ -20,8 +20,6 @@ from torch import Tensor, nn
 from ..errors import ConfigError, UnsupportedLayerError
 from ..hosts import LINEAR_AND_CONV, HostLayer, compute_dtype
 
-COMMON_OPTIONS = frozenset({"dropout", "rank_dropout", "module_dropout", "rank_dropout_scale", "dtype"})
-"""Options every algorithm accepts (handled here)."""
 
 
 class AdapterModule(nn.Module):
@@ -145,23 +143,28 @@ class AdapterModule(nn.Module):
     # ----------------------------------------------------------------- shared helpers
 
     @classmethod
-    def option_names(cls) -> frozenset[str]:
-        """Keyword options `create_network` may pass: the keyword-only `__init__` arguments of
-        every class from the algorithm up to this base, and those of the variants that apply to
-        it (`weight_decompose`, `wd_on_out`)."""
+    def option_defaults(cls) -> dict[str, Any]:
+        """Keyword options `create_network` may pass, with their defaults: the keyword-only
+        `__init__` arguments of every class from the algorithm up to this base, and those of the
+        variants that apply to it (`weight_decompose`, `wd_on_out`)."""
         from .registry import variants_of  # the registry imports this module
 
-        names = set(COMMON_OPTIONS)
-        for klass in cls.__mro__:
+        classes = list(cls.__mro__[: cls.__mro__.index(AdapterModule) + 1])
+        classes += [v.mixin for v in variants_of(cls)]
+        defaults: dict[str, Any] = {}
+        for klass in reversed(classes):
             if "__init__" in vars(klass):
                 for param in inspect.signature(klass.__init__).parameters.values():
                     if param.kind is inspect.Parameter.KEYWORD_ONLY:
-                        names.add(param.name)
-            if klass is AdapterModule:
-                break
+                        defaults[param.name] = param.default
         for variant in variants_of(cls):
-            names |= variant.options()
-        return frozenset(names)
+            defaults.setdefault(variant.option, False)
+        return defaults
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """The names of `option_defaults()`."""
+        return frozenset(cls.option_defaults())
 
     @classmethod
     def kinds_for(cls, options: Mapping[str, Any]) -> frozenset[str]:

@@ -29,16 +29,6 @@ class Variant:
     keys: frozenset[str]
     classes: dict[type, type] = field(default_factory=dict)
 
-    def options(self) -> frozenset[str]:
-        """The options it accepts: `option` and the keyword-only arguments of the mixin's `__init__`."""
-        import inspect
-
-        init = vars(self.mixin).get("__init__")
-        names = {self.option}
-        if init is not None:
-            names |= {p.name for p in inspect.signature(init).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        return frozenset(names)
-
 
 _VARIANTS: list[Variant] = []
 
