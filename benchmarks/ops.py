@@ -104,6 +104,8 @@ def ours(algo: str, model: nn.Module, dtype: torch.dtype | None) -> Any:
 
 
 def peft(algo: str, model: nn.Module, dtype: torch.dtype | None) -> Any:
+    """peft's `inject_adapter_in_model` keeps the host dtype; `dtype=torch.float32` casts the
+    adapter to float32 afterwards, as `get_peft_model` does by default (`autocast_adapter_dtype`)."""
     import peft as p
 
     configs = {
@@ -113,7 +115,12 @@ def peft(algo: str, model: nn.Module, dtype: torch.dtype | None) -> Any:
         "lokr": lambda: p.LoKrConfig(r=4, alpha=2, target_modules=["layer"], decompose_factor=8),
         "ia3": lambda: p.IA3Config(target_modules=["layer"], feedforward_modules=[]),
     }
-    return p.inject_adapter_in_model(configs[algo](), model)
+    injected = p.inject_adapter_in_model(configs[algo](), model)
+    if dtype is not None:
+        for name, param in injected.named_parameters():
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
+    return injected
 
 
 def lycoris(algo: str, model: nn.Module, dtype: torch.dtype | None) -> Any:
@@ -215,9 +222,11 @@ def measure(algos: list[str], libraries: list[str]) -> list[dict[str, Any]]:
                 for library in libraries:
                     if library != "ours" and algo not in PEER_ALGOS:
                         continue
-                    variants = [None]
-                    if library == "ours" and host_dtype != torch.float32:
-                        variants.append(torch.bfloat16)
+                    variants: list[torch.dtype | None] = [None]
+                    if host_dtype != torch.float32 and library == "ours":
+                        variants.append(torch.bfloat16)  # peft's default on a bf16 host
+                    elif host_dtype != torch.float32 and library == "peft":
+                        variants.append(torch.float32)  # ours's default on a bf16 host
                     for adapter_dtype in variants:
                         try:
                             ops = count(library, algo, kind, host_dtype, autocast, train, adapter_dtype)
@@ -229,7 +238,7 @@ def measure(algos: list[str], libraries: list[str]) -> list[dict[str, Any]]:
                         extra.subtract(bare)
                         rows.append({
                             "library": library, "algo": algo, "layer": kind, "setting": label,
-                            "adapter_dtype": "bf16" if adapter_dtype is torch.bfloat16 else "default",
+                            "adapter_dtype": {None: "default", torch.bfloat16: "bf16", torch.float32: "fp32"}[adapter_dtype],
                             "ops": sum(ops.values()) - sum(bare.values()),
                             "detail": {k: v for k, v in sorted(extra.items()) if v},
                         })
@@ -237,26 +246,27 @@ def measure(algos: list[str], libraries: list[str]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    def cell(library: str, algo: str, label: str, dtype: str = "default") -> str:
+    """One row per algorithm; a cell is linear / conv. At a bf16 host, "fp32 params" compares ours
+    (default) with peft cast to float32, "bf16 params" ours with `dtype=torch.bfloat16` and peft
+    as injected (both bf16)."""
+    def cell(library: str, algo: str, label: str, dtype: str) -> str:
         found = {r["layer"]: r for r in rows if r["library"] == library and r["algo"] == algo
                  and r["setting"] == label and r["adapter_dtype"] == dtype}
         if not found:
             return ""
         return " / ".join(str(found[k].get("ops", "err")) if k in found else "?" for k in ("linear", "conv"))
 
-    labels = [c[0] for c in COLUMNS]
-    head = ["algorithm"]
-    for label in labels:
-        head += [f"ours {label}"] + ([f"ours bf16 params {label}"] if "bf16" in label else []) + [f"peft {label}", f"lycoris {label}"]
+    columns: list[tuple[str, str, dict[str, str]]] = []  # (header, setting, library → adapter dtype)
+    for label, host_dtype, _, _ in COLUMNS:
+        if host_dtype == torch.float32:
+            columns.append((label, label, {"ours": "default", "peft": "default", "lycoris": "default"}))
+        else:
+            columns.append((f"{label}, fp32 params", label, {"ours": "default", "peft": "fp32"}))
+            columns.append((f"{label}, bf16 params", label, {"ours": "bf16", "peft": "default", "lycoris": "default"}))
+    head = ["algorithm"] + [f"{lib} {header}" for header, _, libs in columns for lib in libs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    algos = list(dict.fromkeys(r["algo"] for r in rows))
-    for algo in algos:
-        cells = [algo]
-        for label in labels:
-            cells.append(cell("ours", algo, label))
-            if "bf16" in label:
-                cells.append(cell("ours", algo, label, "bf16"))
-            cells += [cell("peft", algo, label), cell("lycoris", algo, label)]
+    for algo in dict.fromkeys(r["algo"] for r in rows):
+        cells = [algo] + [cell(lib, algo, setting, dtype) for _, setting, libs in columns for lib, dtype in libs.items()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -41,6 +41,9 @@ from .modules.compose import adapted_parameters
 Plan = Callable[..., Tensor]
 FORWARD_MODES = ("auto", "rebuild", "bypass")
 READERS = ("output", "input")
+LAUNCH_FLOPS = {"cpu": 100_000, "cuda": 10_000_000}
+"""What one kernel launch costs, in multiply-adds (≈ 2 µs on a CPU core, ≈ 5 µs of a GPU's
+throughput): at small sizes the path with fewer kernels wins."""
 
 
 def adapter_train(adapter: AdapterModule) -> bool:
@@ -63,11 +66,25 @@ def choose_path(adapter: AdapterModule, x: Tensor, grad: bool | None = None) -> 
     host = adapter.host
     tokens = host.tokens(x)
     fast, fixed, rebuild = adapter.bypass_flops(tokens), adapter.fixed_flops(), adapter.rebuild_flops()
+    # Kernels beyond the path's own two: casts of parameters to the compute dtype, and (a
+    # half-precision host) widening W for the rebuild and casting it back.
+    compute = x.dtype if x.is_floating_point() else host.weight.dtype
+    widened = adapter.merge_dtype != host.weight.dtype
+    fast_kernels = 2 + sum(p.dtype != compute for p in adapter.parameters())
+    rebuild_kernels = 2 + sum(p.dtype != adapter.merge_dtype for p in adapter.parameters()) + 2 * widened
+    if widened:
+        rebuild += 2 * host.weight.numel()
+    launch = LAUNCH_FLOPS.get(x.device.type, LAUNCH_FLOPS["cpu"])
     grad = torch.is_grad_enabled() if grad is None else grad
     if grad and any(p.requires_grad for p in adapter.parameters()):
-        # Rebuilding makes autograd form the full weight gradient (tokens·|W|) on top.
-        return kind if 3 * fast + fixed < rebuild + tokens * host.weight.numel() else "rebuild"
-    return kind if fast + fixed < rebuild else "rebuild"
+        # Backward roughly doubles each path's kernels; rebuilding also forms the full weight
+        # gradient (tokens·|W|), the fast path runs ~3× its forward.
+        fast_cost = 3 * fast + fixed + 3 * fast_kernels * launch
+        rebuild_cost = rebuild + tokens * host.weight.numel() + 3 * rebuild_kernels * launch
+    else:
+        fast_cost = fast + fixed + fast_kernels * launch
+        rebuild_cost = rebuild + rebuild_kernels * launch
+    return kind if fast_cost <= rebuild_cost else "rebuild"
 
 
 def _multiplier(adapter: AdapterModule, compiled: bool) -> float | Tensor:

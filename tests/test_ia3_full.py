@@ -150,10 +150,12 @@ def test_ia3_training_picks_the_output_side_bypass_and_its_gradients_match_rebui
 
 def test_ia3_cost_model():
     _, x, _, adapter = ia3_net("linear", False)
-    assert fast(adapter, torch.zeros(4096, 48))  # training: bypass however many tokens
+    tokens = lambda n: torch.zeros(n, 48, dtype=x.dtype)  # noqa: E731
+    assert fast(adapter, tokens(4096))  # training: bypass however many tokens
     with torch.no_grad():  # inference: building ΔW once beats scaling many outputs
-        assert not fast(adapter, torch.zeros(4096, 48))
-        assert fast(adapter, torch.zeros(3, 48))
+        assert not fast(adapter, tokens(4096))
+        assert fast(adapter, tokens(3))
+        assert fast(adapter, tokens(48))  # a tie (48·80 = 80·48) takes the output map: no rebuild
     assert adapter.bypass_flops(10) == 10 * 80 and adapter.rebuild_flops() == 80 * 48
 
 

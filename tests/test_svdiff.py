@@ -568,8 +568,8 @@ def test_cost_model_picks_the_cheaper_path():
     model, x, base, net, adapter = make("linear", torch.float32)
     assert adapter.side == "in" and adapter.bypass_flops(10) == 10 * 2 * 48 * 48
     assert adapter.rebuild_flops() == 80 * 48 * 48 + 48**3
-    with torch.no_grad():  # t·2·48² < 128·48²: t < 64
-        assert fast(adapter, torch.randn(63, 48)) and not fast(adapter, torch.randn(64, 48))
+    with torch.no_grad():  # t·2·48² ≤ 128·48²: t ≤ 64 (a tie takes the fast path)
+        assert fast(adapter, torch.randn(64, 48)) and not fast(adapter, torch.randn(65, 48))
     model, x, base, net, adapter = make("conv2d-k3", torch.float32)
     assert adapter.side == "out" and adapter.bypass_flops(7) == 7 * 2 * 20 * 20
     model, x, base, net, adapter = make("embedding", torch.float32)

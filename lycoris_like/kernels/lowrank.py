@@ -1,10 +1,11 @@
-"""Low-rank ΔW (LoRA/LoCon, Tucker core) and the fused bypass out + s·up(down(x)).
+"""Low-rank ΔW (LoRA/LoCon, Tucker core) and the fused add out + s·up·h of a bypass.
 
-`LowRankAdd` is the LoRA forward with the fewest kernels: the rank-r activations h = down(x) in
-the host's own geometry (a Linear, or a k×k convolution with the host's stride, padding, dilation
-and padding mode), then out + s·up·h in one matmul-add with s as its alpha. Backward forms each
-gradient in one gemm with s as its alpha and down's two gradients in one host-op backward;
-autograd keeps only h — rank-sized — beside x, which the host op saves anyway.
+The LoRA forward with the fewest kernels: the rank-r activations h = down(x) in the host's own
+geometry (a Linear, or a k×k convolution with the host's stride, padding, dilation and padding
+mode), then `lowrank_add`: out + s·up·h in one matmul-add with s as its alpha. Backward forms each
+of its gradients in one gemm with s as their alpha; autograd keeps only h — rank-sized — beside
+x, which the host op saves anyway. LoHa (Khatri-Rao factors) and LoKr (Kronecker factors) use it
+for their bypasses too.
 """
 
 from __future__ import annotations
@@ -62,33 +63,27 @@ def pointwise_grads(grad: Tensor, h: Tensor, up: Tensor, scale: float, spatial: 
     return grad_h, grad_up
 
 
-class LowRankAdd(torch.autograd.Function):
-    """out + scale·up·op(x, down) on a host layer. Inputs: out, x, down, up (any trailing 1s),
-    scale (a float), host (`hosts.HostLayer`); every tensor in out's dtype (the caller casts)."""
+class PointwiseAdd(torch.autograd.Function):
+    """out + scale·up·h over the channel axis, one gemm forward and one per gradient backward
+    (scale their alpha); saves h (rank-sized) and up. Inputs: out, h, up (out, r), scale, spatial."""
 
     @staticmethod
-    def forward(ctx: Any, out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float, host: Any) -> Tensor:  # type: ignore[override]
-        h = host.op(x, down, None)
-        up2 = up.reshape(up.shape[0], -1)
-        spatial = len(host.kernel_size)
-        ctx.save_for_backward(x, down, up2, h)
-        ctx.scale, ctx.host, ctx.up_shape = scale, host, up.shape
-        return pointwise_add(out, h, up2, scale, spatial)
+    def forward(ctx: Any, out: Tensor, h: Tensor, up: Tensor, scale: float, spatial: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(h, up)
+        ctx.scale, ctx.spatial = scale, spatial
+        return pointwise_add(out, h, up, scale, spatial)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
-        x, down, up2, h = ctx.saved_tensors
-        host = ctx.host
-        need_out, need_x, need_down, need_up = ctx.needs_input_grad[:4]
-        grad_h, grad_up = pointwise_grads(grad, h, up2, ctx.scale, len(host.kernel_size), need_x or need_down, need_up)
-        grad_x = grad_down = None
-        if grad_h is not None:
-            grad_x, grad_down, _ = host.op_grads(x, down, grad_h, (need_x, need_down, False))
-        if grad_up is not None:
-            grad_up = grad_up.reshape(ctx.up_shape)
-        return grad if need_out else None, grad_x, grad_down, grad_up, None, None
+        h, up = ctx.saved_tensors
+        need_out, need_h, need_up = ctx.needs_input_grad[:3]
+        grad_h, grad_up = pointwise_grads(grad, h, up, ctx.scale, ctx.spatial, need_h, need_up)
+        return grad if need_out else None, grad_h, grad_up, None, None
 
 
-def lowrank_add(out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float, host: Any) -> Tensor:
-    """out + scale·up(down(x)) with the fewest kernels (see `LowRankAdd`)."""
-    return LowRankAdd.apply(out, x, down, up, scale, host)
+def lowrank_add(out: Tensor, h: Tensor, up: Tensor, scale: float, spatial: int) -> Tensor:
+    """out + scale·up·h over the channel axis (last for Linear, before the `spatial` dims for
+    convs) with the fewest kernels (see `PointwiseAdd`); `up` any (out, r, 1…) layout. Together
+    with the host op that made h = down(x) — whose autograd forms both of down's gradients in one
+    op for convs — this is the LoRA forward."""
+    return PointwiseAdd.apply(out, h, up.reshape(up.shape[0], -1), scale, spatial)

@@ -113,22 +113,12 @@ class AdapterModule(nn.Module):
         written into `acc` with `inplace` (merges, after a backup). ΔW(m) = m·ΔW unless the algorithm
         says otherwise (SVDiff: m inside a ReLU; DoRA). Merges and the rebuild forward both call
         this, so a merged model computes with the very bits the unmerged one does."""
-        delta = self.delta_weight(train).to(acc.dtype)
-        if isinstance(multiplier, Tensor):
-            delta = delta * multiplier.to(acc.dtype)
-            return acc.add_(delta) if inplace else acc + delta
-        return acc.add_(delta, alpha=multiplier) if inplace else torch.add(acc, delta, alpha=multiplier)
+        return add_scaled(acc, self.delta_weight(train), multiplier, inplace)
 
     def add_delta_bias(self, acc: Tensor, multiplier: float | Tensor, inplace: bool = False) -> Tensor:
         """`acc + m·Δb` (`acc` unchanged for algorithms without a bias delta)."""
         delta = self.delta_bias()
-        if delta is None:
-            return acc
-        delta = delta.to(acc.dtype)
-        if isinstance(multiplier, Tensor):
-            delta = delta * multiplier.to(acc.dtype)
-            return acc.add_(delta) if inplace else acc + delta
-        return acc.add_(delta, alpha=multiplier) if inplace else torch.add(acc, delta, alpha=multiplier)
+        return acc if delta is None else add_scaled(acc, delta, multiplier, inplace)
 
     @property
     def changes_bias(self) -> bool:
@@ -213,3 +203,12 @@ class AdapterModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.algo} on {self.host.kind} {tuple(self.host.weight.shape)}"
+
+
+def add_scaled(acc: Tensor, delta: Tensor, multiplier: float | Tensor, inplace: bool = False) -> Tensor:
+    """acc + m·delta in acc's dtype, one op for a float m (its alpha); written into acc with `inplace`."""
+    delta = delta.to(acc.dtype)
+    if isinstance(multiplier, Tensor):
+        delta = delta * multiplier.to(acc.dtype)
+        return acc.add_(delta) if inplace else acc + delta
+    return acc.add_(delta, alpha=multiplier) if inplace else torch.add(acc, delta, alpha=multiplier)

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from ..errors import ShapeMismatchError
 from ..hosts import HostLayer
-from ..kernels.dora import dora_delta, weight_norm
-from .base import AdapterModule
+from ..kernels.dora import dora_delta, magnitude_scale, weight_norm
+from .base import AdapterModule, add_scaled
 from .capabilities import Bypass, OutputMap
 from .ranked import RankedAdapter
 from .registry import register_variant
@@ -48,28 +48,27 @@ class DoRA(OutputMap):
 
     # ------------------------------------------------------------------ ΔW
 
-    def inner_weight(self, train: bool = False) -> Tensor:
-        """W + ΔW of the wrapped algorithm, in merge precision."""
-        acc = self.host.weight.to(self.merge_dtype)
+    def inner_weight(self, train: bool = False, base: Tensor | None = None) -> Tensor:
+        """W + ΔW of the wrapped algorithm, in merge precision (`base`: W already in it)."""
+        acc = self.host.weight.to(self.merge_dtype) if base is None else base
         if self._inner_adds:
             return super().add_delta(acc, 1.0, train)  # type: ignore[misc]
         return acc + super().delta_weight(train).to(acc.dtype)  # type: ignore[misc]
 
     def delta_weight(self, train: bool = False) -> Tensor:
-        inner = super().delta_weight(train)  # type: ignore[misc]
-        weight = self.host.weight.to(inner.dtype)
-        return dora_delta(weight, inner, self.dora_scale, self.wd_on_out)
+        weight = self.host.weight.to(self.merge_dtype)
+        return dora_delta(weight, self.inner_weight(train, weight), self.dora_scale, self.wd_on_out)
 
     def add_delta(self, acc: Tensor, multiplier: float | Tensor, train: bool = False, inplace: bool = False) -> Tensor:
-        return AdapterModule.add_delta(self, acc, multiplier, train, inplace)  # type: ignore[arg-type]
+        """acc + m·(W' − W), the wrapped algorithm's W + ΔW built by its own `add_delta`."""
+        return add_scaled(acc, self.delta_weight(train), multiplier, inplace)
 
     def channel_scale(self) -> Tensor:
-        """m / ‖W + ΔW‖ over the output axis, (out, 1, …): the norm detached and rounded to the
-        magnitude's dtype first, so the scale is exactly 1 at init in every parameter dtype."""
-        with torch.no_grad(), torch.autocast(self.host.weight.device.type, enabled=False):
-            norm = weight_norm(self.inner_weight(False), True).to(self.dora_scale.dtype)
-            norm.clamp_min_(torch.finfo(norm.dtype).tiny)
-        return self.dora_scale / norm
+        """m / ‖W + ΔW‖ over the output axis, (out, 1, …), the norm built outside autocast."""
+        with torch.autocast(self.host.weight.device.type, enabled=False):
+            with torch.no_grad():
+                merged = self.inner_weight(False)
+            return magnitude_scale(merged, self.dora_scale, True)
 
     # ------------------------------------------------------------------ forward
 
@@ -83,6 +82,9 @@ class DoRA(OutputMap):
         return "output"
 
     def output_map(self, base_out: Tensor, x: Tensor, multiplier: float | Tensor, train: bool = False) -> Tensor:
+        """W_m·x + b with W_m = W + m·(W' − W): base_out + m·(s − 1) ⊙ (base_out − b) + m·s ⊙ ΔW·x,
+        the last term by the wrapped algorithm's bypass with its output rows scaled by s — exact
+        zeros at init (s = 1, ΔW = 0), so the output is the host's bit for bit."""
         host = self.host
         view = (-1, *([1] * len(host.kernel_size))) if host.is_conv else (-1,)
         s = self.channel_scale().reshape(view).to(base_out.dtype)

@@ -13,6 +13,7 @@ from ..errors import ShapeMismatchError
 from ..hosts import HostLayer
 from ..kernels.hadamard import hadamard_add, hadamard_delta, hadamard_tucker_delta, khatri_rao_factors
 from ..kernels.lowrank import lowrank_add
+from .base import add_scaled
 from .capabilities import Bypass, CombinePart, NativeCombine, WeightFree
 from .files import expect_shape, read_alpha, require_keys
 from .ranked import RankedAdapter
@@ -83,7 +84,7 @@ class LoHa(Bypass, WeightFree, NativeCombine, RankedAdapter):
         """W + m·γ·(w1_a·w1_b) ⊙ (w2_a·w2_b) as one addcmul with m·γ its value (`kernels.hadamard`);
         Tucker and a tensor multiplier take the generic path, a merge the in-place one."""
         if self.tucker or isinstance(multiplier, Tensor):
-            return super().add_delta(acc, multiplier, train, inplace)
+            return add_scaled(acc, LoHa.delta_weight(self, train), multiplier, inplace)  # this algorithm's ΔW, also under DoRA
         mask = self.rank_mask(self.host.out_features, self.hada_w1_a) if train else None
         return hadamard_add(acc, self._w1_a(mask), self.hada_w1_b, self.hada_w2_a, self.hada_w2_b,
                             multiplier * self.scale, inplace)
@@ -116,8 +117,9 @@ class LoHa(Bypass, WeightFree, NativeCombine, RankedAdapter):
         up, down = self._khatri_rao()
         if row_scale is not None:
             up = up * row_scale.reshape(-1, 1).to(up.dtype)
-        dtype = out.dtype
-        return lowrank_add(out, x.to(dtype), down.to(dtype), up.to(dtype), multiplier * self.scale, self.host)
+        dtype, host = out.dtype, self.host
+        h = host.op(x.to(dtype), down.to(dtype), None)
+        return lowrank_add(out, h, up.to(dtype), multiplier * self.scale, len(host.kernel_size))
 
     def rebuild_flops(self) -> int:
         host = self.host

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, IncompatibleFileError, ShapeMismatchError
 from ..hosts import HostLayer
+from ..kernels.lowrank import lowrank_add
 from ..kernels.kronecker import (
     factorization,
     kron_add,
@@ -26,6 +27,7 @@ from ..kernels.kronecker import (
     lowrank_w2,
     tucker_w2,
 )
+from .base import add_scaled
 from .capabilities import Bypass, CombinePart, NativeCombine, WeightFree
 from .files import expect_shape, float32_exact, merge_ratio, read_alpha, require_keys
 from .ranked import RankedAdapter
@@ -194,7 +196,7 @@ class LoKr(Bypass, WeightFree, NativeCombine, RankedAdapter):
         """W + m·W1 ⊗ W2 as one addcmul of broadcast views (`kernels.kronecker.kron_add`), m·γ its
         value; rank dropout, a tensor multiplier and a non-contiguous W take the generic path."""
         if isinstance(multiplier, Tensor) or (train and self.rank_dropout) or not acc.is_contiguous():
-            return super().add_delta(acc, multiplier, train, inplace)
+            return add_scaled(acc, LoKr.delta_weight(self, train), multiplier, inplace)  # this algorithm's ΔW, also under DoRA
         first = self.with_scalar(self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_a)
         w1 = first if self.lokr_w1 is not None else first @ self.lokr_w1_b
         return kron_add(acc, w1, self._w2(), multiplier * self.scale, inplace)
@@ -204,42 +206,68 @@ class LoKr(Bypass, WeightFree, NativeCombine, RankedAdapter):
     def fast_path(self, train: bool) -> str | None:
         return "bypass" if self.host.groups == 1 else None
 
-    def bypass(self, x: Tensor, train: bool = False) -> Tensor:
+    def _grouped_down(self, x: Tensor) -> Tensor:
+        """The rank activations of a low-rank W2: w2_b (and the Tucker core) applied to each of the
+        c input groups of x in the host's geometry, the groups then side by side as c·r channels."""
         host, layout = self.host, self.layout
-        w1 = self._w1().to(x.dtype)
+        c, d, r = layout.c, layout.d, layout.w2_rank
+        w2_b = self.lokr_w2_b.to(x.dtype)
         if not host.is_conv:
-            if self.lokr_w2 is not None:
-                w2 = self.lokr_w2.to(x.dtype)
-                y = kron_linear_bypass(x, w1, lambda h: h @ w2.T)
-            else:
-                w2_a, w2_b = self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype)
-                y = kron_linear_bypass(x, w1, lambda h: h @ w2_b.T, lambda h: h @ w2_a.T)
+            h = x.reshape(*x.shape[:-1], c, d) @ w2_b.T  # (…, c, r)
+            return h.reshape(*x.shape[:-1], c * r)
+        spatial = len(layout.kernel)
+        batch = x.unsqueeze(0) if x.dim() == spatial + 1 else x
+        groups = batch.reshape(batch.shape[0] * c, d, *batch.shape[2:])
+        if self.lokr_t2 is not None:
+            h = host.op(host.pointwise(groups, w2_b), self.lokr_t2.to(x.dtype), None)
         else:
-            ones = host.ones
-            outer = None
-            if self.lokr_w2 is not None:
-                w2 = self.lokr_w2.to(x.dtype)
+            h = host.op(groups, w2_b.reshape(r, d, *layout.kernel), None)
+        h = h.reshape(batch.shape[0], c * r, *h.shape[2:])
+        return h[0] if batch is not x else h
 
-                def inner(h: Tensor) -> Tensor:
-                    return host.op(h, w2, None)
-            else:
-                r = layout.w2_rank
-                tucker = self.lokr_t2 is not None
-                core = self.lokr_t2.to(x.dtype) if tucker else None
-                w2_b = self.lokr_w2_b.to(x.dtype).reshape(r, layout.d, *(ones if tucker else layout.kernel))
-                w2_a = (self.lokr_w2_a.T if tucker else self.lokr_w2_a).to(x.dtype).reshape(layout.b, r, *ones)
+    def _kron_up(self) -> Tensor:
+        """kron(W1, w2_a) (a·b, c·r), γ not applied: ΔW = γ·kron(W1, w2_a)·kron(I_c, w2_b), a
+        LoRA whose down is `_grouped_down`."""
+        w1 = self.with_scalar(self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_a)
+        if self.lokr_w1 is None:
+            w1 = w1 @ self.lokr_w1_b
+        w2_a = self.lokr_w2_a.T if self.lokr_t2 is not None else self.lokr_w2_a  # (b, r)
+        (a, c), (b, r) = w1.shape, w2_a.shape
+        return (w1.reshape(a, 1, c, 1) * w2_a.reshape(1, b, 1, r)).reshape(a * b, c * r)
 
-                def inner(h: Tensor) -> Tensor:
-                    return host.op(host.pointwise(h, w2_b), core, None) if tucker else host.op(h, w2_b, None)
-
-                def outer(h: Tensor) -> Tensor:
-                    return host.pointwise(h, w2_a)
-
-            y = kron_conv_bypass(x, w1, inner, len(layout.kernel), outer)
+    def bypass(self, x: Tensor, train: bool = False) -> Tensor:
+        host = self.host
+        if self.lokr_w2 is None:  # low-rank W2: the Kronecker up after the grouped down
+            h = self._grouped_down(x)
+            up = self._kron_up().to(x.dtype) * self.scale
+            mask = self.rank_mask(host.out_features, up) if train else None
+            if mask is not None:
+                up = up * mask.view(-1, 1)
+            return host.pointwise(h, up.reshape(host.out_features, -1, *host.ones))
+        w1 = self._w1().to(x.dtype)
+        w2 = self.lokr_w2.to(x.dtype)
+        if not host.is_conv:
+            y = kron_linear_bypass(x, w1, lambda h: h @ w2.T)
+        else:
+            y = kron_conv_bypass(x, w1, lambda h: host.op(h, w2, None), len(self.layout.kernel))
         mask = self.rank_mask(host.out_features, y) if train else None
         if mask is not None:
             y = y * (mask if not host.is_conv else mask.view(-1, *host.ones))
         return y
+
+    def bypass_add(self, out: Tensor, x: Tensor, multiplier: float | Tensor, train: bool = False,
+                   row_scale: Tensor | None = None) -> Tensor:
+        """A low-rank W2 as out + m·γ·kron(W1, w2_a)·h by `kernels.lowrank.lowrank_add`, h the
+        grouped down; a full W2, a tensor multiplier and training-time dropout: the generic path."""
+        if (self.lokr_w2 is not None or isinstance(multiplier, Tensor)
+                or (train and (self.dropout or self.rank_dropout))):
+            return super().bypass_add(out, x, multiplier, train, row_scale)
+        dtype = out.dtype
+        up = self._kron_up()
+        if row_scale is not None:
+            up = up * row_scale.reshape(-1, 1).to(up.dtype)
+        h = self._grouped_down(x.to(dtype))
+        return lowrank_add(out, h, up.to(dtype), multiplier * self.scale, len(self.host.kernel_size))
 
     def _w1_flops(self) -> int:
         layout = self.layout
@@ -252,16 +280,14 @@ class LoKr(Bypass, WeightFree, NativeCombine, RankedAdapter):
         return self._w1_flops() + w2 + self.host.weight.numel()
 
     def bypass_flops(self, tokens: int) -> int:
-        """Per output position: W2's down part on each of the c groups, W1's mixing, then (low
-        rank) w2_a on each of the a groups."""
+        """Per output position: W2's down part on each of the c groups, then (low rank) the
+        Kronecker up (a·b × c·r) it builds once, or (full W2) W1's mixing of the groups."""
         layout = self.layout
         a, b, c, d, k, r = layout.a, layout.b, layout.c, layout.d, layout.kernel_numel, layout.w2_rank
         if r is None:
-            per_token = c * b * d * k + a * c * b
-        else:
-            down = r * d + r * r * k if layout.tucker else r * d * k
-            per_token = c * down + a * c * r + a * b * r
-        return tokens * per_token + self._w1_flops()
+            return tokens * (c * b * d * k + a * c * b) + self._w1_flops()
+        down = r * d + r * r * k if layout.tucker else r * d * k
+        return tokens * (c * down + a * b * c * r) + a * b * c * r + self._w1_flops()
 
     # ------------------------------------------------------------------ files
 

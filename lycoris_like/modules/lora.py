@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..errors import IncompatibleFileError, ShapeMismatchError
 from ..hosts import HostLayer
 from ..kernels.lowrank import lowrank_add, lowrank_delta
+from .base import add_scaled
 from .capabilities import Bypass, CombinePart, Factored, NativeCombine, NotNative, WeightFree
 from .files import expect_shape, read_alpha, require_keys
 from .ranked import RankedAdapter
@@ -72,7 +73,7 @@ class LoRA(Bypass, WeightFree, NativeCombine, Factored, RankedAdapter):
         merge writes straight into W (Tucker, a tensor multiplier and a non-contiguous W take the
         generic path)."""
         if self.lora_mid is not None or isinstance(multiplier, Tensor) or not acc.is_contiguous():
-            return super().add_delta(acc, multiplier, train, inplace)
+            return add_scaled(acc, LoRA.delta_weight(self, train), multiplier, inplace)  # this algorithm's ΔW, also under DoRA
         mask = self.rank_mask(self.rank, self.lora_up.weight) if train else None
         up = self._up(mask).reshape(acc.shape[0], self.rank).to(acc.dtype)
         down = self.lora_down.weight.reshape(self.rank, -1).to(acc.dtype)
@@ -109,12 +110,12 @@ class LoRA(Bypass, WeightFree, NativeCombine, Factored, RankedAdapter):
         if (self.lora_mid is not None or isinstance(multiplier, Tensor)
                 or (train and (self.dropout or self.rank_dropout))):
             return super().bypass_add(out, x, multiplier, train, row_scale)
-        dtype = out.dtype
+        dtype, host = out.dtype, self.host
         up = self._up()
         if row_scale is not None:
             up = up * row_scale.reshape(-1, *([1] * (up.dim() - 1))).to(up.dtype)
-        return lowrank_add(out, x.to(dtype), self.lora_down.weight.to(dtype), up.to(dtype),
-                           multiplier * self.scale, self.host)
+        h = host.op(x.to(dtype), self.lora_down.weight.to(dtype), None)
+        return lowrank_add(out, h, up.to(dtype), multiplier * self.scale, len(host.kernel_size))
 
     def rebuild_flops(self) -> int:
         host = self.host
