@@ -97,6 +97,11 @@ class HostLayer:
         return tuple(self.weight.shape[2:])
 
     @property
+    def spatial(self) -> int:
+        """The number of spatial dims of the op: 0 for Linear (and 1-D weights), 1–3 for convs."""
+        return self.weight.dim() - 2 if self.is_conv else 0
+
+    @property
     def kernel_numel(self) -> int:
         return math.prod(self.kernel_size)
 
@@ -121,6 +126,24 @@ class HostLayer:
         if self.kind == "layernorm":
             return F.layer_norm(x, m.normalized_shape, weight, bias, m.eps)
         return F.group_norm(x, m.num_groups, weight, bias, m.eps)
+
+    def op_fn(self) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+        """`op` as the one function it calls for this kind (no per-call dispatch): for plans."""
+        if self.kind == "linear":
+            return F.linear
+        if self.is_conv:
+            return self.module._conv_forward
+        return self.op
+
+    def tensor_getter(self, name: str) -> Callable[[], Tensor | None]:
+        """A fast getter of the host's `weight` or `bias` for plans: a lookup in the module's own
+        parameter dict (which FSDP and re-assignment update), or the attribute where the tensor
+        is not a plain parameter (a parametrization, a buffer, a property)."""
+        params = self.module._parameters
+        if name in params:
+            return lambda: params[name]
+        module = self.module
+        return lambda: getattr(module, name, None)
 
     @property
     def has_op_grads(self) -> bool:

@@ -48,7 +48,7 @@ class HostDispatch:
         self.adapters: list[AdapterModule] = []
         self.merges: list[MergeRecord] = []
         self.plans: dict[tuple, plan.Plan] = {}
-        module = host.module
+        module = self.module = host.module
         self._own_forward = module.__dict__.get("forward")  # an instance-level forward set by others
         self.original_forward = module.forward
 
@@ -72,16 +72,18 @@ class HostDispatch:
             for adapter in active:
                 require_pristine(adapter, self.merges, "forward")
             return plan.build(self.host, active, x, grad=torch.is_grad_enabled(), autocast=autocast, compiled=True)(x)
-        device = x.device.type
         grad = torch.is_grad_enabled()
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        key = (x.shape, x.dtype, device, grad, autocast, self.host.module.training, self.host.weight.dtype)
+        autocast = None
+        if torch._C._is_any_autocast_enabled():
+            device = x.device.type
+            autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (x.shape, x.dtype, x.device, grad, autocast, self.module.training)
         forward = self.plans.get(key)
         if forward is None:
             if len(self.plans) >= MAX_PLANS:
                 self.plans.clear()
             forward = self.plans[key] = self._build(x, grad, autocast is not None)
-        return forward(x, *args, **kwargs)
+        return forward(x, *args, **kwargs) if args or kwargs else forward(x)
 
     def active(self) -> list[AdapterModule]:
         return [a for a in self.adapters if a.enabled and not a.merged]

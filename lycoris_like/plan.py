@@ -41,6 +41,9 @@ from .modules.compose import adapted_parameters
 Plan = Callable[..., Tensor]
 FORWARD_MODES = ("auto", "rebuild", "bypass")
 READERS = ("output", "input")
+RECOMPUTE_ENTRIES = 1 << 16
+"""Host weights this large or larger recompute their rebuilt weight in backward instead of keeping
+it alive (`kernels.rebuild`): below it the saved memory is not worth a Python backward."""
 LAUNCH_FLOPS = {"cpu": 100_000, "cuda": 10_000_000}
 """What one kernel launch costs, in multiply-adds (≈ 2 µs on a CPU core, ≈ 5 µs of a GPU's
 throughput): at small sizes the path with fewer kernels wins."""
@@ -107,13 +110,13 @@ def build(host: HostLayer, adapters: Sequence[AdapterModule], x: Tensor, *, grad
 def _single(host: HostLayer, adapter: AdapterModule, path: str, *, grad: bool, autocast: bool, compiled: bool) -> Plan:
     m = _multiplier(adapter, compiled)
     train = adapter_train(adapter)
-    op, weight_of, bias_of = host.op, (lambda: host.weight), (lambda: host.bias)
+    op, weight_of, bias_of = host.op_fn(), host.tensor_getter("weight"), host.tensor_getter("bias")
     if path == "bypass":
-        add = adapter.bypass_add  # type: ignore[attr-defined]
-        return lambda x, *a, **k: add(op(x, weight_of(), bias_of()), x, m, train)
+        add = adapter.bypass_plan(m, train)  # type: ignore[attr-defined]
+        return lambda x, *a, **k: add(op(x, weight_of(), bias_of()), x)
     if path == "output":
-        out_map = adapter.output_map  # type: ignore[attr-defined]
-        return lambda x, *a, **k: out_map(op(x, weight_of(), bias_of()), x, m, train)
+        out_map = adapter.output_plan(m, train)  # type: ignore[attr-defined]
+        return lambda x, *a, **k: out_map(op(x, weight_of(), bias_of()), x)
     if path == "input":
         in_map = adapter.input_map  # type: ignore[attr-defined]
         return lambda x, *a, **k: op(in_map(x, m, train), weight_of(), bias_of())
@@ -139,7 +142,7 @@ def _rebuild(host: HostLayer, adapters: list[AdapterModule], ms: list[float | Te
         patched = _patched(host, adapters[0], ms[0], trains[0], grad=grad, autocast=autocast)
         if patched is not None:
             return patched
-    if grad and not autocast and not compiled and host.has_op_grads:
+    if grad and not autocast and not compiled and host.has_op_grads and host.weight.numel() >= RECOMPUTE_ENTRIES:
         def recomputed(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             params = [p for a in adapters for p in a.parameters() if p.requires_grad]
             if not params:
@@ -211,12 +214,10 @@ def _composed(host: HostLayer, adapters: list[AdapterModule], paths: list[str], 
             return host.op(x, host.weight, host.bias)
     steps: list[Callable[[Tensor, Tensor], Tensor]] = []
     if mapped_out is not None:
-        a, m, t = adapters[mapped_out], ms[mapped_out], trains[mapped_out]
-        steps.append(lambda out, x, a=a, m=m, t=t: a.output_map(out, x, m, t))  # type: ignore[attr-defined]
+        steps.append(adapters[mapped_out].output_plan(ms[mapped_out], trains[mapped_out]))  # type: ignore[attr-defined]
     for i, path in enumerate(paths):
         if path == "bypass":
-            a, m, t = adapters[i], ms[i], trains[i]
-            steps.append(lambda out, x, a=a, m=m, t=t: a.bypass_add(out, x, m, t))  # type: ignore[attr-defined]
+            steps.append(adapters[i].bypass_plan(ms[i], trains[i]))  # type: ignore[attr-defined]
         elif path == "separate":
             steps.append(_separate(host, adapters[i], ms[i], trains[i]))
 

@@ -45,8 +45,12 @@ def test_recomputed_rebuild_matches_plain_autograd(host_name, variant):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_rebuilt_forward_does_not_keep_a_full_weight_alive():
-    """What autograd saves for backward, by size: the plain graph holds W′ per layer, ours only x."""
+def test_rebuilt_forward_does_not_keep_a_full_weight_alive(monkeypatch):
+    """What autograd saves for backward, by size: the plain graph holds W′ per layer, ours only x
+    (for weights of `plan.RECOMPUTE_ENTRIES` entries or more: here every layer of the small UNet)."""
+    import lycoris_like.plan
+
+    monkeypatch.setattr(lycoris_like.plan, "RECOMPUTE_ENTRIES", 1)
     unet = make_unet().requires_grad_(False)
     net = create_network(unet, dim=4, alpha=2, weight_decompose=True, forward_mode="rebuild")  # every layer rebuilds
     randomize(net, std=0.05, seed=2)
@@ -64,3 +68,31 @@ def test_rebuilt_forward_does_not_keep_a_full_weight_alive():
     # The plain graph (what autocast falls back to) saves one rebuilt weight per layer (or more).
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert weight_sized_saves() >= len(net)
+
+
+def test_small_weights_keep_the_plain_graph_and_large_ones_recompute():
+    """Below `plan.RECOMPUTE_ENTRIES` the rebuilt weight is kept for backward (a Python backward
+    would cost more than the memory); at and above it only x is saved. Same gradients either way."""
+    from lycoris_like import plan
+
+    grads = []
+    for entries, recomputes in ((10**9, False), (1, True)):
+        model, x = make_host("linear", torch.float64)
+        x.requires_grad_(True)  # its gradient needs W′: the plain graph saves it
+        model.requires_grad_(False)
+        net = create_network(model, algo="loha", dim=2, forward_mode="rebuild")
+        randomize(net, std=0.3, seed=5)
+        old = plan.RECOMPUTE_ENTRIES
+        plan.RECOMPUTE_ENTRIES = entries
+        try:
+            saved: list[tuple[int, ...]] = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+                y = model(x)
+            y.square().sum().backward()
+        finally:
+            plan.RECOMPUTE_ENTRIES = old
+        weight_sized = [s for s in saved if sorted(s) == sorted(model[0].weight.shape)]
+        assert bool(weight_sized) == (not recomputes)
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -80,8 +80,9 @@ def hadamard_add(acc: Tensor, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, sc
                  inplace: bool = False) -> Tensor:
     """acc + scale·(a1 @ b1) ⊙ (a2 @ b2), reshaped to acc (see `HadamardAdd`); `inplace` writes
     into acc with the same kernel (merges, without autograd)."""
-    if inplace:
-        return acc.addcmul_((a1 @ b1).view(acc.shape), (a2 @ b2).view(acc.shape), value=float(scale))
+    if inplace or not (torch.is_grad_enabled() and any(t.requires_grad for t in (acc, a1, b1, a2, b2))):
+        p1, p2 = (a1 @ b1).view(acc.shape), (a2 @ b2).view(acc.shape)  # the same kernels, no Function
+        return acc.addcmul_(p1, p2, value=float(scale)) if inplace else torch.addcmul(acc, p1, p2, value=float(scale))
     return HadamardAdd.apply(acc, a1, b1, a2, b2, scale)
 
 

@@ -55,51 +55,19 @@ def kron_delta(w1: Tensor, w2: Tensor) -> Tensor:
     return prod.reshape(a * b, c * d, *kernel)
 
 
-class KronAdd(torch.autograd.Function):
-    """acc + scale·W1 ⊗ W2 as one addcmul of broadcast views, scale its value: the rebuild and
-    merge of LoKr. Backward lays the gradient out once as (a·c, b·d·k…) and forms both factor
-    gradients from it in one gemm each, scale as their alpha."""
-
-    @staticmethod
-    def forward(ctx, acc: Tensor, w1: Tensor, w2: Tensor, scale: float) -> Tensor:  # type: ignore[override]
-        ctx.scale = float(scale)
-        ctx.save_for_backward(w1, w2)
-        return _kron_addcmul(acc, w1, w2, ctx.scale, inplace=False)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        w1, w2 = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        a, c = w1.shape
-        b, d, *kernel = w2.shape
-        g1 = g2 = None
-        if need[1] or need[2]:
-            spatial = tuple(range(4, 4 + len(kernel)))
-            laid = grad.reshape(a, b, c, d, *kernel).permute(0, 2, 1, 3, *spatial).reshape(a * c, -1).to(w1.dtype)
-            if need[1]:
-                g1 = torch.addmm(w1.reshape(a * c, 1), laid, w2.reshape(-1, 1), beta=0, alpha=ctx.scale).view(a, c)
-            if need[2]:
-                g2 = torch.addmm(w2.reshape(1, -1), w1.reshape(1, -1), laid, beta=0, alpha=ctx.scale).view(w2.shape)
-        return grad if need[0] else None, g1, g2, None
-
-
-def _kron_addcmul(acc: Tensor, w1: Tensor, w2: Tensor, scale: float, inplace: bool) -> Tensor:
+def kron_add(acc: Tensor, w1: Tensor, w2: Tensor, scale: float, inplace: bool = False) -> Tensor:
+    """acc + scale·W1 ⊗ W2 as one addcmul of broadcast views, scale its value: LoKr's rebuild and
+    merge, with no full-size ΔW (`inplace` writes into acc: merges). `acc` must be contiguous.
+    Plain autograd: at the sizes where a hand-written backward would save a kernel, its Python
+    call costs more."""
     a, c = w1.shape
     b, d, *kernel = w2.shape
     ones = (1,) * len(kernel)
     view = acc.view(a, b, c, d, *kernel)
     left, right = w1.view(a, 1, c, 1, *ones), w2.view(1, b, 1, d, *kernel)
     if inplace:
-        return view.addcmul_(left, right, value=scale).view(acc.shape)
-    return torch.addcmul(view, left, right, value=scale).view(acc.shape)
-
-
-def kron_add(acc: Tensor, w1: Tensor, w2: Tensor, scale: float, inplace: bool = False) -> Tensor:
-    """acc + scale·W1 ⊗ W2 (see `KronAdd`); `inplace` writes into acc with the same kernel
-    (merges, without autograd). `acc` must be contiguous."""
-    if inplace:
-        return _kron_addcmul(acc, w1, w2, float(scale), inplace=True)
-    return KronAdd.apply(acc, w1, w2, scale)
+        return view.addcmul_(left, right, value=float(scale)).view(acc.shape)
+    return torch.addcmul(view, left, right, value=float(scale)).view(acc.shape)
 
 
 def kron_linear_bypass(

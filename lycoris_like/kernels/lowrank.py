@@ -81,9 +81,20 @@ class PointwiseAdd(torch.autograd.Function):
         return grad if need_out else None, grad_h, grad_up, None, None
 
 
-def lowrank_add(out: Tensor, h: Tensor, up: Tensor, scale: float, spatial: int) -> Tensor:
+def lowrank_add(out: Tensor, h: Tensor, up: Tensor, scale: float, spatial: int, fused: bool = False) -> Tensor:
     """out + scale·up·h over the channel axis (last for Linear, before the `spatial` dims for
-    convs) with the fewest kernels (see `PointwiseAdd`); `up` any (out, r, 1…) layout. Together
-    with the host op that made h = down(x) — whose autograd forms both of down's gradients in one
-    op for convs — this is the LoRA forward."""
-    return PointwiseAdd.apply(out, h, up.reshape(up.shape[0], -1), scale, spatial)
+    convs); `up` any (out, r, 1…) layout. Together with the host op that made h = down(x) —
+    whose autograd forms both of down's gradients in one op for convs — this is the LoRA forward.
+
+    Linear: one addmm with scale as its alpha under plain autograd (its backward, two more
+    multiplies, costs less than a Python backward at small sizes), unless `fused` asks for
+    `PointwiseAdd` (a path that runs many ops anyway: DoRA). Convs: `PointwiseAdd`, which saves
+    the per-batch reduction and the alpha multiplies of baddbmm's backward."""
+    if up.dim() != 2:
+        up = up.reshape(up.shape[0], -1)
+    if spatial or fused:
+        return PointwiseAdd.apply(out, h, up, scale, spatial)
+    if out.dim() == 2:
+        return torch.addmm(out, h, up.T, alpha=scale)
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up.T, alpha=scale)
+    return flat.view(out.shape)

@@ -1,9 +1,10 @@
-"""y + m·y ⊙ l over channels in one op — (IA)³'s output side.
+"""(IA)³'s output side: y ⊙ (1 + m·l) over channels with the fewest kernels, exact for a small l.
 
-The additive form keeps a small l exact in half precision (1 + l rounded to 11 bits would lose
-it), and one addcmul is one kernel: the forward reads y once, backward forms ∇y in one addcmul and
-∇l in a multiply and a reduction. Without autograd the result is written over y, the host op's
-fresh output.
+Full precision: the product with 1 + m·l (built on the channel-sized vector) under plain autograd.
+Half precision: 1 + l rounded to 8–11 bits would lose a small l, so the additive form y + m·y ⊙ l,
+one addcmul, in a Function whose backward forms ∇y in one multiply-add and ∇l in a multiply and a
+reduction (plain autograd would add the two paths to y). Without autograd the result is written
+over y, the host op's fresh output.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ class ChannelScaleAdd(torch.autograd.Function):
 
 
 def channel_scale_add(y: Tensor, vec: Tensor, multiplier: float) -> Tensor:
-    """y + m·y ⊙ vec (see `ChannelScaleAdd`); in place on y when autograd does not record."""
+    """y ⊙ (1 + m·vec), vec (in y's dtype) broadcast over y's channel axis (see the module docstring)."""
+    if y.dtype in (torch.float32, torch.float64):
+        scale = vec + 1 if multiplier == 1 else vec * multiplier + 1
+        return y.mul_(scale) if not torch.is_grad_enabled() else y * scale
     if not torch.is_grad_enabled():
         return y.addcmul_(y, vec, value=multiplier)
     return ChannelScaleAdd.apply(y, vec, multiplier)

@@ -104,6 +104,12 @@ class Bypass(FastPath):
             return out + y * multiplier.to(out.dtype)
         return torch.add(out, y, alpha=multiplier)
 
+    def bypass_plan(self, multiplier: float | Tensor, train: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """`(out, x) → bypass_add(out, x, m, train)` for the planner, made once per plan: an
+        algorithm may return a leaner closure with what does not change between calls bound."""
+        add = self.bypass_add
+        return lambda out, x: add(out, x, multiplier, train)
+
 
 class OutputMap(FastPath):
     """y = f(host(x)): the adapted output from the pure host output (no other adapter's change in it)."""
@@ -113,6 +119,12 @@ class OutputMap(FastPath):
     def output_map(self, base_out: Tensor, x: Tensor, multiplier: float | Tensor, train: bool = False) -> Tensor:
         """op(x, W + ΔW(m), b + Δb(m)) from `base_out` = op(x, W, b); applies its own dropout."""
         raise NotImplementedError
+
+    def output_plan(self, multiplier: float | Tensor, train: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """`(base_out, x) → output_map(base_out, x, m, train)` for the planner, made once per plan
+        (an algorithm may return a leaner closure)."""
+        out_map = self.output_map
+        return lambda base_out, x: out_map(base_out, x, multiplier, train)
 
 
 class InputMap(FastPath):

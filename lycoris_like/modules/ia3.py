@@ -122,6 +122,24 @@ class IA3(OutputMap, NativeCombine, AdapterModule):
             return torch.add(base_out, share, alpha=multiplier)
         return channel_scale_add(base_out, self._channel_view(vec.to(dtype)), multiplier)
 
+    def output_plan(self, multiplier: float | Tensor, train: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """The one-op rescale with the parameter dict and the channel layout bound."""
+        if isinstance(multiplier, Tensor) or (train and (self.dropout or self.rank_dropout)):
+            return super().output_plan(multiplier, train)
+        params, shape = self._parameters, self._channel_view(self.weight).shape
+        reshape = shape != self.weight.shape  # convs: (1, C, 1, …) → (C, 1, …); Linear: as stored
+
+        def rescale(base_out: Tensor, x: Tensor) -> Tensor:
+            vec = params["weight"]
+            if vec.dtype != base_out.dtype:
+                vec = vec.to(base_out.dtype)
+            if reshape:
+                vec = vec.view(shape)
+            if multiplier == 1 and base_out.dtype is torch.float32 and torch.is_grad_enabled():
+                return base_out * (vec + 1)  # the common training case of channel_scale_add, inline
+            return channel_scale_add(base_out, vec, multiplier)
+        return rescale
+
     def rebuild_flops(self) -> int:
         return self.host.weight.numel()
 

@@ -111,11 +111,32 @@ class LoRA(Bypass, WeightFree, NativeCombine, Factored, RankedAdapter):
                 or (train and (self.dropout or self.rank_dropout))):
             return super().bypass_add(out, x, multiplier, train, row_scale)
         dtype, host = out.dtype, self.host
-        up = self._up()
+        up = self.lora_up.weight if self.scalar is None else self.lora_up.weight * self.scalar
         if row_scale is not None:
             up = up * row_scale.reshape(-1, *([1] * (up.dim() - 1))).to(up.dtype)
-        h = host.op(x.to(dtype), self.lora_down.weight.to(dtype), None)
-        return lowrank_add(out, h, up.to(dtype), multiplier * self.scale, len(host.kernel_size))
+        down = self.lora_down.weight
+        if down.dtype != dtype:
+            down, up = down.to(dtype), up.to(dtype)
+        h = host.op(x if x.dtype == dtype else x.to(dtype), down, None)
+        return lowrank_add(out, h, up, multiplier * self.scale, host.spatial, fused=row_scale is not None)
+
+    def bypass_plan(self, multiplier: float | Tensor, train: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """The fused bypass with the factors' parameter dicts, the host op and m·γ bound."""
+        if (self.lora_mid is not None or self.scalar is not None or isinstance(multiplier, Tensor)
+                or (train and (self.dropout or self.rank_dropout))):
+            return super().bypass_plan(multiplier, train)
+        ups, downs = self.lora_up._parameters, self.lora_down._parameters
+        op, scale, spatial = self.host.op_fn(), multiplier * self.scale, self.host.spatial
+
+        def add(out: Tensor, x: Tensor) -> Tensor:
+            up, down, dtype = ups["weight"], downs["weight"], out.dtype
+            if down.dtype != dtype:
+                up, down = up.to(dtype), down.to(dtype)
+            h = op(x if x.dtype == dtype else x.to(dtype), down, None)
+            if not spatial and out.dim() == 2:  # the common Linear case, inline
+                return torch.addmm(out, h, up.t(), alpha=scale)
+            return lowrank_add(out, h, up, scale, spatial)
+        return add
 
     def rebuild_flops(self) -> int:
         host = self.host
