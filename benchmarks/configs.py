@@ -14,22 +14,28 @@ from torch import nn
 TARGET_CLASSES = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
 
 
-def build_unet(quick: bool) -> nn.Module:
-    """The SD1.5 UNet config with random weights (half width with `quick`)."""
+def build_unet(quick: bool, width: int | None = None) -> nn.Module:
+    """The SD1.5 UNet config with random weights (half width with `quick`; any base `width`),
+    built on the current default device."""
     from diffusers import UNet2DConditionModel
 
-    width = 160 if quick else 320
+    width = width or (160 if quick else 320)
     torch.manual_seed(0)
     return UNet2DConditionModel(
         block_out_channels=(width, 2 * width, 4 * width, 4 * width), layers_per_block=2, cross_attention_dim=768,
-        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        attention_head_dim=8, norm_num_groups=min(32, width // 4), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     )
 
 
-def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(batch: int = 1, latent: int = 32, timestep: int = 10, device: str = "cpu",
+           dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latent (batch, 4, latent, latent), timestep, context (batch, 77, 768): the CPU protocol's
+    defaults, or the GPU protocol's (batch 4, 64×64 latents, timestep 500, bf16)."""
     g = torch.Generator().manual_seed(1)
-    return torch.randn(1, 4, 32, 32, generator=g), torch.tensor([10]), torch.randn(1, 77, 768, generator=g)
+    sample = torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype)
+    context = torch.randn(batch, 77, 768, generator=g).to(device, dtype)
+    return sample, torch.tensor([timestep] * batch, device=device), context
 
 
 def target_names(unet: nn.Module) -> list[str]:
@@ -49,6 +55,7 @@ class Handle:
     merge: Callable[[], Any] = lambda: None
     save: Callable[[Path], Any] = lambda path: None
     fold: Callable[[], Any] | None = None  # a merge for good, no backups; the peers' merge is one
+    adapter_dtype: str = "-"
 
     def merge_for_good(self) -> None:
         (self.fold or self.merge)()
@@ -72,12 +79,16 @@ class Config:
 # ----------------------------------------------------------------------------- ours
 
 
+def _dtype_of(params: Iterable[torch.nn.Parameter]) -> str:
+    return ",".join(sorted({str(p.dtype).replace("torch.", "") for p in params})) or "-"
+
+
 def ours(algo: str, **options: Any) -> Config:
     def build(unet: nn.Module) -> Handle:
         from lycoris_like import create_network
 
         net = create_network(unet, algo=algo, dim=4, alpha=2, preset={"module_classes": TARGET_CLASSES}, **options)
-        return Handle(net.parameters, len(net), net.merge, net.save, net.fold)
+        return Handle(net.parameters, len(net), net.merge, net.save, net.fold, _dtype_of(net.parameters()))
 
     def load(unet: nn.Module, path: Path) -> None:
         from lycoris_like import load_network
@@ -94,7 +105,10 @@ def base() -> Config:
 # ----------------------------------------------------------------------------- peft
 
 
-def peft(kind: str, **options: Any) -> Config:
+def peft(kind: str, adapter_dtype: torch.dtype | None = None, **options: Any) -> Config:
+    """peft's `inject_adapter_in_model` keeps the host dtype; `adapter_dtype` casts the adapter
+    afterwards (float32: what `get_peft_model` does by default on a half-precision host)."""
+
     def make_config(unet: nn.Module):
         import peft as p
 
@@ -117,6 +131,9 @@ def peft(kind: str, **options: Any) -> Config:
         inject_adapter_in_model(make_config(unet), unet)
         layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         params = lambda: [p for p in unet.parameters() if p.requires_grad]  # noqa: E731
+        if adapter_dtype is not None:
+            for p in params():
+                p.data = p.data.to(adapter_dtype)
 
         def merge() -> None:
             for layer in layers:
@@ -125,7 +142,7 @@ def peft(kind: str, **options: Any) -> Config:
         def save(path: Path) -> None:
             save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}, path)
 
-        return Handle(params, len(layers), merge, save)
+        return Handle(params, len(layers), merge, save, adapter_dtype=_dtype_of(params()))
 
     def load(unet: nn.Module, path: Path) -> None:
         from peft import inject_adapter_in_model, set_peft_model_state_dict
@@ -152,8 +169,9 @@ def lycoris(algo: str, **options: Any) -> Config:
 
         net = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2, algo=algo, preset=_lycoris_preset(), **options)
         net.apply_to()
+        net.to(next(unet.parameters()).device)  # its modules are made on the CPU (4.1.3)
         return Handle(net.parameters, len(net.loras), net.merge_to,
-                      lambda path: net.save_weights(str(path), torch.float32, {}))
+                      lambda path: net.save_weights(str(path), torch.float32, {}), adapter_dtype=_dtype_of(net.parameters()))
 
     def load(unet: nn.Module, path: Path) -> None:
         from lycoris import create_lycoris_from_weights
@@ -182,6 +200,13 @@ CONFIGS: dict[str, Config] = {
     "peft-lokr": peft("lokr", decompose_factor=8),
     "peft-ia3": peft("ia3"),
     "peft-dora": peft("lora", use_dora=True),
+    # Equal adapter dtype on a half-precision host (the GPU protocol): ours in bf16, peft in fp32.
+    **{f"ours-{name}-bf16": ours(algo, dtype=torch.bfloat16, **opts) for name, (algo, opts) in {
+        "lora": ("lora", {}), "loha": ("loha", {}), "lokr": ("lokr", {"factor": 8}), "ia3": ("ia3", {}),
+        "dora": ("lora", {"weight_decompose": True})}.items()},
+    **{f"peft-{name}-fp32": peft(kind, torch.float32, **opts) for name, (kind, opts) in {
+        "lora": ("lora", {}), "loha": ("loha", {}), "lokr": ("lokr", {"decompose_factor": 8}), "ia3": ("ia3", {}),
+        "dora": ("lora", {"use_dora": True})}.items()},
     "lycoris-lora": lycoris("lora"),
     "lycoris-loha": lycoris("loha"),
     "lycoris-lokr": lycoris("lokr", factor=8),
@@ -191,4 +216,9 @@ CONFIGS: dict[str, Config] = {
 PEERS: dict[str, dict[str, str]] = {
     f"ours-{algo}": {"peft": f"peft-{algo}", "lycoris": f"lycoris-{algo}"} for algo in ("lora", "loha", "lokr", "ia3", "dora")
 }
+"""Who each configuration is compared with. On a half-precision host (the GPU protocol) the
+default configurations differ in adapter dtype (ours fp32, peft as injected: bf16), so there
+ours-X is also compared with peft-X-fp32, and ours-X-bf16 with peft-X."""
+PEERS.update({f"ours-{algo}-bf16": {"peft": f"peft-{algo}"} for algo in ("lora", "loha", "lokr", "ia3", "dora")})
+EQUAL_DTYPE_PEERS = {f"ours-{algo}": f"peft-{algo}-fp32" for algo in ("lora", "loha", "lokr", "ia3", "dora")}
 PEERS["ours-locon-tucker"] = {"peft": "peft-lora", "lycoris": "lycoris-lora"}
