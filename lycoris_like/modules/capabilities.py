@@ -72,7 +72,10 @@ class FastPath:
 
 
 def adapter_params(module: Any) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Entries the adapter's path multiplies by: its parameters and its floating-point buffers
+    (frozen factors count as much as trained ones), not the multiplier."""
+    buffers = (b for name, b in module.named_buffers() if b.is_floating_point() and not name.endswith("multiplier"))
+    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in buffers)
 
 
 class Bypass(FastPath):
