@@ -654,3 +654,40 @@ def test_peft_conv1d_full_w2_scrambles_the_layout():
     scrambled = torch.kron(w1[None], w2).reshape(reference.shape)
     torch.testing.assert_close(theirs, scrambled, rtol=1e-12, atol=1e-12)
     assert rel_err(theirs, reference) > 0.1
+
+
+# ----------------------------------------------------------------------------- the factorisation rule
+
+
+def _closest_pair(d: int, bound: int | None) -> tuple[int, int]:
+    """The paper's eq. 5 by brute force: the divisor pair (m ≤ n) closest to √d with m ≤ bound."""
+    pairs = [(m, d // m) for m in range(1, d + 1) if d % m == 0 and m <= d // m and (bound is None or m <= bound)]
+    return min(pairs, key=lambda p: p[1] - p[0])
+
+
+def test_the_two_factorisation_rules_against_brute_force():
+    differ = total = 0
+    for d in range(1, 257):
+        for f in [-1, *range(1, d + 1)]:
+            paper = factorization(d, f, "paper")
+            assert paper == _closest_pair(d, None if f < 0 else f), (d, f)
+            lycoris = factorization(d, f, "lycoris")
+            expected = (min(f, d // f), max(f, d // f)) if f > 0 and d % f == 0 else paper
+            assert lycoris == expected, (d, f)
+            total += 1
+            differ += lycoris != paper
+    assert 0 < differ < total
+    assert factorization(320, 64, "lycoris") == (5, 64) and factorization(320, 64, "paper") == (16, 20)
+    assert factorization(16, 8, "lycoris") == (2, 8) and factorization(16, 8, "paper") == (4, 4)
+    assert factorization(320, 8, "lycoris") == factorization(320, 8, "paper") == (8, 40)
+
+
+def test_the_factorization_option_shapes_the_factors_and_is_validated():
+    layer = nn.Linear(320, 16)
+    lycoris_net = create_network(nn.Sequential(layer), algo="lokr", dim=4, factor=8)
+    paper_net = create_network(nn.Sequential(nn.Linear(320, 16)), algo="lokr", dim=4, factor=8, factorization="paper")
+    w1 = lambda net: tuple(net.adapters["0"].lokr_w1.shape)  # noqa: E731
+    assert w1(lycoris_net) == (2, 8) and w1(paper_net) == (4, 8)  # W1 (a, c): out 16 → a = 2 or 4; in 320 → c = 8 both
+    assert paper_net.adapters["0"].config()["factorization"] == "paper"
+    with pytest.raises(ConfigError, match="factorization"):
+        create_network(nn.Sequential(nn.Linear(8, 8)), algo="lokr", factorization="eq5")

@@ -15,18 +15,25 @@ import torch
 from torch import Tensor
 
 
-def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """(m, n) with m ≤ n and m·n = `dimension`, the split LyCORIS uses for LoKr.
+FACTORIZATIONS = ("lycoris", "paper")
 
-    `factor > 0` dividing `dimension`: (min(f, d/f), max(f, d/f)). Otherwise the divisor pair
-    closest to √d whose smaller member is at most `factor` (`factor < 0`: no bound).
-    Examples: 320 → (16, 20); factor 8 → (8, 40); factor 64 → (5, 64).
+
+def factorization(dimension: int, factor: int = -1, rule: str = "lycoris") -> tuple[int, int]:
+    """(m, n) with m ≤ n and m·n = `dimension`: how LoKr splits a layer's width.
+
+    "paper" (the LyCORIS paper's eq. 5): the divisor pair closest to √d whose smaller member is at
+    most `factor` (`factor < 0`: no bound). "lycoris" (lycoris-lora's code, the default, which its
+    files follow): the same, except that a `factor > 0` dividing `dimension` is taken as it is,
+    (min(f, d/f), max(f, d/f)) — different exactly when f divides d and f > √d. Examples: 320 →
+    (16, 20); factor 8 → (8, 40) by both; factor 64 → (5, 64) lycoris, (16, 20) paper.
     """
     if dimension <= 0:
         raise ValueError(f"cannot factorise {dimension}")
     if factor == 0:
         raise ValueError("factor must be positive, or negative for no bound")
-    if factor > 0 and dimension % factor == 0:
+    if rule not in FACTORIZATIONS:
+        raise ValueError(f"factorization must be one of {FACTORIZATIONS}, got {rule!r}")
+    if rule == "lycoris" and factor > 0 and dimension % factor == 0:
         other = dimension // factor
         return min(factor, other), max(factor, other)
     bound = math.isqrt(dimension) if factor < 0 else min(math.isqrt(dimension), factor)

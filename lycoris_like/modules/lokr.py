@@ -19,6 +19,7 @@ from ..errors import ConfigError, IncompatibleFileError, ShapeMismatchError
 from ..hosts import HostLayer
 from ..kernels.lowrank import lowrank_add
 from ..kernels.kronecker import (
+    FACTORIZATIONS,
     factorization,
     kron_add,
     kron_conv_bypass,
@@ -92,10 +93,11 @@ def layout_for(
     full_matrix: bool = False,
     unbalanced_factorization: bool = False,
     use_tucker: bool = False,
+    rule: str = "lycoris",
 ) -> KronLayout:
-    """LyCORIS's layout rule for a new adapter (see FORMATS.md §2)."""
-    in_m, in_n = factorization(host.in_features, factor)
-    out_l, out_k = factorization(host.out_features, factor)
+    """LyCORIS's layout rule for a new adapter (see FORMATS.md §2), with the factorisation `rule`."""
+    in_m, in_n = factorization(host.in_features, factor, rule)
+    out_l, out_k = factorization(host.out_features, factor, rule)
     if unbalanced_factorization:
         out_l, out_k = out_k, out_l
     a, c, b, d = out_l, in_m, out_k, in_n
@@ -109,7 +111,8 @@ def layout_for(
 class LoKr(Bypass, WeightFree, NativeCombine, RankedAdapter):
     """ΔW = γ·W1 ⊗ W2, γ = α/r (r of the decomposed half; γ = 1 when both halves are full).
 
-    Options (LyCORIS names): `factor` bounds the small factor (−1: closest to √n),
+    Options (LyCORIS names): `factor` bounds the small factor (−1: closest to √n), `factorization`
+    picks the rule ("lycoris", the default and what lycoris-lora's files follow, or "paper": eq. 5),
     `decompose_both` makes W1 low-rank too, `full_matrix` keeps W2 full whatever `dim`,
     `unbalanced_factorization` gives W1 the larger output factor, `use_tucker` puts a core on
     k>1 convs, `rs_lora` uses α/√r, `use_scalar` trains a scalar (init 0) folded into W1 on save.
@@ -128,6 +131,7 @@ class LoKr(Bypass, WeightFree, NativeCombine, RankedAdapter):
         decompose_both: bool = False,
         full_matrix: bool = False,
         unbalanced_factorization: bool = False,
+        factorization: str = "lycoris",
         use_tucker: bool = False,
         rs_lora: bool = False,
         use_scalar: bool = False,
@@ -136,11 +140,14 @@ class LoKr(Bypass, WeightFree, NativeCombine, RankedAdapter):
         super().__init__(host, dim, alpha, use_tucker=use_tucker, rs_lora=rs_lora, use_scalar=use_scalar, **common)
         if isinstance(factor, bool) or not isinstance(factor, int) or factor == 0:
             raise ConfigError(f"factor must be a positive integer or -1, got {factor!r}")
+        if factorization not in FACTORIZATIONS:
+            raise ConfigError(f"factorization must be one of {FACTORIZATIONS}, got {factorization!r}")
         self.factor: int | None = factor
+        self.factorization: str | None = factorization
         self.unbalanced_factorization = bool(unbalanced_factorization)
         layout = layout_for(
             host, self.rank, factor, decompose_both=bool(decompose_both), full_matrix=bool(full_matrix),
-            unbalanced_factorization=self.unbalanced_factorization, use_tucker=bool(use_tucker),
+            unbalanced_factorization=self.unbalanced_factorization, use_tucker=bool(use_tucker), rule=factorization,
         )
         # Both halves full: LyCORIS uses scale 1 and writes alpha = dim.
         self._install(layout, self.rank if layout.scale_rank is None else alpha)
@@ -312,7 +319,7 @@ class LoKr(Bypass, WeightFree, NativeCombine, RankedAdapter):
             dim = int(alpha) if float(alpha).is_integer() and alpha >= 1 else 1
         module = cls(host, dim, alpha, use_tucker=layout.tucker, **options)
         module._install(layout, alpha)
-        module.factor = None  # the file's shapes, not a factor, define the layout
+        module.factor = module.factorization = None  # the file's shapes, not a factor, define the layout
         with torch.no_grad():
             for key, value in values.items():
                 getattr(module, key).copy_(value)
@@ -346,6 +353,7 @@ class LoKr(Bypass, WeightFree, NativeCombine, RankedAdapter):
         return {
             **super().config(),
             "factor": self.factor,
+            "factorization": self.factorization,
             "decompose_both": layout.w1_rank is not None,
             "full_matrix": layout.w2_rank is None,
             "unbalanced_factorization": self.unbalanced_factorization,
