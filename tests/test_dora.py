@@ -255,3 +255,17 @@ def test_peft_dora_parity(host):
     theirs.eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_algo_dora_is_lora_with_weight_decompose(tmp_path):
+    model, x = make_host("conv2d-k3")
+    net = create_network(model, algo="dora", dim=3, wd_on_out=False)
+    adapter = net.adapters["0"]
+    assert adapter.algo == "lora" and adapter.dora_scale.shape == (1, 12, 1, 1)  # input axis, as asked
+    assert net.config["algo"] == "lora" and net.config["weight_decompose"] is True
+    randomize(net, seed=3)
+    expected = model(x)
+    loaded = load_network(make_host("conv2d-k3")[0], net.save(tmp_path / "d.safetensors"))
+    assert type(loaded.adapters["0"]) is type(adapter)
+    fresh = loaded.adapters["0"].host.module
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-6, atol=1e-6)

@@ -25,7 +25,7 @@ from ..kernels.dora import dora_delta, magnitude_scale, weight_norm
 from .base import AdapterModule, add_scaled
 from .capabilities import Bypass, OutputMap
 from .ranked import RankedAdapter
-from .registry import register_variant
+from .registry import register_alias, register_variant
 
 
 @register_variant("weight_decompose", applies_to=RankedAdapter, keys=("dora_scale",))
@@ -133,3 +133,6 @@ def dora_axis(name: str, host: HostLayer, scale: Tensor) -> bool:
         f"found {tuple(scale.shape)}",
         keys=[f"{name}.dora_scale"],
     )
+
+
+register_alias("dora", "lora", weight_decompose=True)  # the name users type: DoRA on LoRA
