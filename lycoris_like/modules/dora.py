@@ -43,7 +43,7 @@ class DoRA(OutputMap):
     def __init__(self, host: HostLayer, *args: Any, weight_decompose: bool = True, wd_on_out: bool = True, **options: Any) -> None:
         super().__init__(host, *args, **options)
         self.wd_on_out = bool(wd_on_out)
-        base = host.weight.detach().to(self.merge_dtype)
+        base = host.weight.detach().to(self.norm_dtype)
         self.dora_scale = nn.Parameter(weight_norm(base, self.wd_on_out).to(self.param_dtype))
 
     # ------------------------------------------------------------------ ΔW
@@ -63,11 +63,19 @@ class DoRA(OutputMap):
         """acc + m·(W' − W), the wrapped algorithm's W + ΔW built by its own `add_delta`."""
         return add_scaled(acc, self.delta_weight(train), multiplier, inplace)
 
+    @property
+    def norm_dtype(self) -> torch.dtype:
+        """The precision of W + ΔW under the norm in the forward (and of m's initial ‖W‖): the
+        parameters' own dtype when they are the host's (`dtype=torch.bfloat16` on a bf16 host: no
+        casts, the norm accumulated in float32 by the reduction itself), else merge precision."""
+        dtype = self.param_dtype
+        return dtype if dtype == self.host.weight.dtype else self.merge_dtype
+
     def channel_scale(self) -> Tensor:
         """m / ‖W + ΔW‖ over the output axis, (out, 1, …), the norm built outside autocast."""
         with torch.autocast(self.host.weight.device.type, enabled=False):
             with torch.no_grad():
-                merged = self.inner_weight(False)
+                merged = self.inner_weight(False, self.host.weight.to(self.norm_dtype))
             return magnitude_scale(merged, self.dora_scale, True)
 
     # ------------------------------------------------------------------ forward
